@@ -1,0 +1,53 @@
+"""napari-semiseg: annotation-efficient segmentation of image volumes.
+
+The headless API; it never imports napari or Qt.
+
+>>> import semiseg
+>>> s = semiseg.make_sample("phantom", labelled=3)
+>>> model = semiseg.train(s.image, s.labels, tags=s.tags, config=semiseg.TrainConfig(steps=5))
+>>> out = model.predict(s.image)
+>>> out["mask"].shape == s.image.shape
+True
+"""
+
+__version__ = "0.1.0"
+
+from .data import DISEASED, HEALTHY, UNKNOWN, InputError, Normaliser, make_pools, read_weak_csv
+from .engine import Progress, TrainConfig, TrainingError, iter_train, run, train
+from .inference import iter_predict_volume, predict_volume, sample_tumours
+from .io import read_volume, write_volume
+from .methods import get_method, list_methods
+from .metrics import dice_per_class
+from .model import Model, ModelFileError, load_model
+from .synthetic import make_digits, make_phantom, make_sample
+
+__all__ = [
+    "DISEASED",
+    "HEALTHY",
+    "UNKNOWN",
+    "InputError",
+    "Model",
+    "ModelFileError",
+    "Normaliser",
+    "Progress",
+    "TrainConfig",
+    "TrainingError",
+    "__version__",
+    "dice_per_class",
+    "get_method",
+    "iter_predict_volume",
+    "iter_train",
+    "list_methods",
+    "load_model",
+    "make_digits",
+    "make_phantom",
+    "make_pools",
+    "make_sample",
+    "predict_volume",
+    "read_volume",
+    "read_weak_csv",
+    "run",
+    "sample_tumours",
+    "train",
+    "write_volume",
+]

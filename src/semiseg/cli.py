@@ -1,0 +1,378 @@
+"""Command-line interface: ``semiseg VERB ...`` (also ``python -m semiseg``).
+
+Bad input exits with code 2 and one line on stderr, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="supervised", help="registered method (see `semiseg methods`)")
+    p.add_argument("--weak", metavar="WEAK.csv", help="per-slice weak tags: CSV with columns slice,diseased")
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=96, help="side of square training crops")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis of (Z, Y, X)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE",
+        help="method hyperparameter, repeatable (see `semiseg methods --params`)",
+    )
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="semiseg", description="Annotation-efficient segmentation of image volumes."
+    )
+    parser.add_argument("--version", action="version", version=f"napari-semiseg {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("sample", help="write a synthetic sample volume")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", default="phantom", choices=("phantom", "digits"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labelled", type=int, default=5, help="annotated slices K")
+
+    p = sub.add_parser("train", help="train a model on an image and sparse labels")
+    p.add_argument("image")
+    p.add_argument("labels")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL")
+    p.add_argument("--continue-from", metavar="MODEL", help="continue training this model")
+    _add_train_options(p)
+
+    p = sub.add_parser("predict", help="predict a mask with a trained model")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, metavar="MASK", help=".tif/.tiff/.zarr/.npy")
+    p.add_argument("--prob", metavar="PATH", help="also write class probabilities (K, Z, Y, X)")
+    p.add_argument("--residual", metavar="PATH", help="residual image (translation methods)")
+    p.add_argument("--healthy", metavar="PATH", help="healthy translation (translation methods)")
+    p.add_argument("--tumours", metavar="PATH", help="sampled tumours (K, Z, Y, X)")
+    p.add_argument("--n-samples", type=int, default=3, help="samples per slice for --tumours")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("evaluate", help="per-class Dice of a prediction against the truth")
+    p.add_argument("pred")
+    p.add_argument("truth")
+    p.add_argument("--ignore-slices-of", metavar="LABELS", help="leave out slices annotated here")
+
+    p = sub.add_parser("methods", help="list the training methods")
+    p.add_argument("--params", action="store_true", help="also list each method's hyperparameters")
+
+    p = sub.add_parser("demo", help="sample, train, predict and evaluate on the bundled phantom")
+    p.add_argument("out_dir", nargs="?", default=None)
+    p.add_argument("--kind", default="phantom", choices=("phantom", "digits"))
+    p.add_argument("--labelled", type=int, default=5)
+    _add_train_options(p)
+    p.set_defaults(steps=400, minutes=4.0)
+    return parser
+
+
+# ----------------------------------------------------------------------------- helpers
+def _read(path: str, what: str, *, lazy: bool = False):
+    from .io import read_volume
+
+    return read_volume(path, lazy=lazy)
+
+
+def _check_output(path: str) -> Path:
+    from .io import SUPPORTED_SUFFIXES, _suffix
+
+    out = Path(path)
+    if _suffix(out) not in SUPPORTED_SUFFIXES:
+        raise CLIError(f"unsupported output type {out.suffix!r} for {out} (use .tif, .zarr or .npy)")
+    _check_folder(out)
+    return out
+
+
+def _check_folder(out: Path) -> None:
+    import os
+
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"output folder is not writable: {parent}")
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _train(image, labels, tags, args, model=None):
+    from .engine import TrainConfig, iter_train, run
+    from .methods import get_method
+
+    if model is None:
+        get_method(args.method)  # unknown names fail before any work
+    params = _parse_params(args.param)
+    config = TrainConfig(
+        steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
+        crop=args.crop, seed=args.seed, axis=args.axis,
+    )
+    gen = iter_train(
+        image, labels, tags=tags, method=args.method, params=params or None, config=config,
+        model=model, device=args.device, amp=not args.no_amp,
+    )
+    # Run the first step (input validation) before opening a progress bar.
+    first = next(gen)
+    with _progress_bar(config.steps, f"train {args.method}") as bar:
+
+        def update(p):
+            bar.n = p.step
+            bar.set_postfix({k: f"{v:.3f}" for k, v in p.losses.items()}, refresh=False)
+            bar.refresh()
+
+        update(first)
+        return run(gen, update)
+
+
+def _predict(model, image, *, batch_size, outputs=(), probabilities=False):
+    from .engine import run
+    from .inference import iter_predict_volume
+
+    n = image.shape[-3 + model.axis] if len(image.shape) >= 3 else 0
+    gen = iter_predict_volume(
+        model, image, batch_size=batch_size, outputs=outputs, probabilities=probabilities
+    )
+    with _progress_bar(n, "predict") as bar:
+        return run(gen, lambda p: (setattr(bar, "n", p.step), bar.refresh()))
+
+
+def _load_tags(path, labels, axis):
+    if path is None:
+        return None
+    from .data import read_weak_csv
+
+    return read_weak_csv(path, np.asarray(labels).shape[axis])
+
+
+# ----------------------------------------------------------------------------- verbs
+def cmd_sample(args) -> int:
+    from .data import write_weak_csv
+    from .io import write_volume
+    from .synthetic import make_sample
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} exists and is not a folder")
+    if args.labelled < 0:
+        raise CLIError("--labelled must be >= 0")
+    _check_folder(out)
+    s = make_sample(args.kind, seed=args.seed, labelled=args.labelled)
+    out.mkdir(exist_ok=True)
+    write_volume(out / "image.tif", s.image)
+    write_volume(out / "labels.tif", s.labels)
+    write_volume(out / "truth.tif", s.truth)
+    write_weak_csv(out / "weak.csv", s.tags)
+    print(f"wrote {args.kind} sample {s.image.shape} with {len(s.annotated)} annotated slices to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .model import Model
+
+    out = Path(args.output)
+    _check_folder(out)
+    image = _read(args.image, "image", lazy=True)
+    labels = _read(args.labels, "labels")
+    tags = _load_tags(args.weak, labels, args.axis)
+    model = Model.load(args.continue_from, device=_device(args.device)) if args.continue_from else None
+    model = _train(image, labels, tags, args, model=model)
+    model.save(out)
+    h = model.history[-1]
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in h["losses"].items())
+    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s ({losses}); saved {out}")
+    return 0
+
+
+def _device(name):
+    from .engine import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_predict(args) -> int:
+    from .inference import sample_tumours
+    from .io import write_volume
+    from .model import Model
+
+    mask_path = _check_output(args.output)
+    extra = {"residual": args.residual, "healthy": args.healthy}
+    for p in [args.prob, args.tumours, *extra.values()]:
+        if p:
+            _check_output(p)
+    model = Model.load(args.model, device=_device(args.device))
+    outputs = [k for k, v in extra.items() if v]
+    missing = [k for k in outputs if k not in model.method.outputs]
+    if missing or (args.tumours and not model.method.can_sample):
+        what = ", ".join(missing + (["tumours"] if args.tumours and not model.method.can_sample else []))
+        raise CLIError(f"method {model.method.name!r} does not produce: {what}")
+    if args.n_samples < 1:
+        raise CLIError("--n-samples must be >= 1")
+    image = _read(args.image, "image", lazy=True)
+    res = _predict(model, image, batch_size=args.batch_size, outputs=outputs, probabilities=bool(args.prob))
+    if args.tumours:
+        from .data import as_channels
+
+        n = as_channels(image).shape[model.axis + 1]
+        samples = [sample_tumours(model, image, i, args.n_samples, seed=args.seed + i) for i in range(n)]
+        tumours = np.stack(samples, axis=1 + model.axis)
+    write_volume(mask_path, res["mask"])
+    written = [str(mask_path)]
+    if args.prob:
+        written.append(str(write_volume(args.prob, res["probabilities"])))
+    for k in outputs:
+        written.append(str(write_volume(extra[k], res[k])))
+    if args.tumours:
+        written.append(str(write_volume(args.tumours, tumours)))
+    fg = float((res["mask"] > 0).mean())
+    print(f"wrote {', '.join(written)} (foreground {100 * fg:.2f} % of voxels)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import InputError
+    from .metrics import dice_per_class
+
+    pred = np.asarray(_read(args.pred, "prediction"))
+    truth = np.asarray(_read(args.truth, "truth"))
+    for a, what in ((pred, "prediction"), (truth, "truth")):
+        if a.dtype.kind not in "uib":
+            raise InputError(f"{what} must hold integer labels, got {a.dtype}")
+    exclude = None
+    if args.ignore_slices_of:
+        lab = np.asarray(_read(args.ignore_slices_of, "labels"))
+        if lab.shape != truth.shape:
+            raise InputError(f"labels shape {lab.shape} differs from truth shape {truth.shape}")
+        exclude = np.flatnonzero(lab.reshape(len(lab), -1).any(1))
+    try:
+        scores = dice_per_class(pred, truth, exclude_slices=exclude)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    for c, d in scores.items():
+        print(f"class {c}: dice {d:.4f}")
+    if scores:
+        print(f"mean dice {np.mean(list(scores.values())):.4f}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from .methods import get_method, list_methods
+
+    for name in list_methods():
+        cls = get_method(name)
+        print(f"{name:14s} {cls.summary}")
+        if args.params:
+            for f in dataclasses.fields(cls.Params):
+                print(f"    {f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data import write_weak_csv
+    from .io import write_volume
+    from .metrics import dice_per_class
+    from .synthetic import make_sample
+
+    tmp = None
+    if args.out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="semiseg-demo-")
+        out = Path(tmp.name)
+    else:
+        out = Path(args.out_dir)
+        _check_folder(out)
+        out.mkdir(exist_ok=True)
+    try:
+        s = make_sample(args.kind, seed=args.seed, labelled=args.labelled)
+        print(f"sample: {args.kind} {s.image.shape}, {len(s.annotated)} annotated slices {s.annotated.tolist()}")
+        model = _train(s.image, s.labels, s.tags, args)
+        res = _predict(model, s.image, batch_size=8)
+        write_volume(out / "image.tif", s.image)
+        write_volume(out / "labels.tif", s.labels)
+        write_volume(out / "truth.tif", s.truth)
+        write_weak_csv(out / "weak.csv", s.tags)
+        write_volume(out / "mask.tif", res["mask"])
+        model.save(out / "model.pt")
+        scores = dice_per_class(res["mask"], s.truth, classes=[1], exclude_slices=s.annotated)
+        h = model.history[-1]
+        print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s on {h['device']}")
+        print(f"dice on unannotated slices: {scores[1]:.4f}")
+        print(f"wrote {out / 'mask.tif'} and {out / 'model.pt'}")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+COMMANDS = {
+    "sample": cmd_sample,
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "methods": cmd_methods,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 training fault, 2 bad input)."""
+    from .data import InputError
+    from .engine import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except (CLIError, InputError) as exc:
+        print(f"semiseg {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # unknown method names
+        print(f"semiseg {args.verb}: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad hyperparameters and the like
+        print(f"semiseg {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"semiseg {args.verb}: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"semiseg {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""Data model: volumes, labels, weak slice tags, normalisation and slice sampling.
+
+The image is ``(Z, Y, X)`` or ``(C, Z, Y, X)``; labels are ``(Z, Y, X)`` integers with 0 for
+background and 1..K for classes. Training works on 2D slices taken along one spatial axis.
+
+A slice is *annotated* when it holds any nonzero label or is tagged healthy (a healthy slice is
+a free all-background annotation). The remaining slices form the *unlabelled* pool. Weak tags
+split slices into *healthy* (absence domain, A) and *diseased* (presence domain, P); a slice
+with a nonzero label counts as diseased unless tagged otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DISEASED",
+    "HEALTHY",
+    "UNKNOWN",
+    "Batch",
+    "InputError",
+    "Normaliser",
+    "SlicePools",
+    "SliceSampler",
+    "as_channels",
+    "make_pools",
+    "read_weak_csv",
+    "suggest_tags",
+    "validate_labels",
+    "write_weak_csv",
+]
+
+#: Weak tag values, one per slice.
+UNKNOWN, HEALTHY, DISEASED = -1, 0, 1
+
+
+class InputError(ValueError):
+    """Raised for user input that cannot be used (wrong shape, dtype, empty labels, ...)."""
+
+
+# ----------------------------------------------------------------------------- validation
+def as_channels(image, *, channel_axis: int | None = None):
+    """Return a view of ``image`` with a leading channel axis, ``(C, Z, Y, X)``.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) or (C, Z, Y, X) array-like
+        Numpy, dask or zarr array. It is not copied or loaded.
+    channel_axis : int, optional
+        Axis holding channels when the image is 4D and channels are not first.
+
+    Returns
+    -------
+    (C, Z, Y, X) array-like
+
+    Raises
+    ------
+    InputError
+        For 2D or 5D+ images, RGB(A) images, complex or boolean dtypes.
+    """
+    shape = tuple(image.shape)
+    dtype = np.dtype(image.dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"image dtype {dtype} is not numeric (expected integers or floats)")
+    if len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4 and channel_axis is None:
+        raise InputError(
+            f"image of shape {shape} looks like a 2D RGB picture; "
+            "give a (Z, Y, X) volume or (C, Z, Y, X) channels"
+        )
+    if len(shape) == 3:
+        return image[None]
+    if len(shape) == 4:
+        if channel_axis is not None and channel_axis not in (0, -4):
+            axes = list(range(4))
+            axes.insert(0, axes.pop(channel_axis))
+            image = image.transpose(axes)
+        elif shape[0] > 16:
+            raise InputError(
+                f"4D image of shape {shape} has {shape[0]} channels in front; "
+                "expected (C, Z, Y, X) with a few channels"
+            )
+        return image
+    raise InputError(f"image must be 3D (Z, Y, X) or 4D (C, Z, Y, X), got shape {shape}")
+
+
+def validate_labels(labels, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """Check and return labels as an in-memory integer array of the image's spatial shape.
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) array-like of integers
+    spatial_shape : tuple of int
+        ``(Z, Y, X)`` of the image.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray
+        The labels, never a modified copy of the caller's array (read-only view if possible).
+
+    Raises
+    ------
+    InputError
+        On a float or negative label array or a shape that differs from the image.
+    """
+    arr = np.asarray(labels)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise InputError("labels must be integers; got float values that are not whole")
+        raise InputError(f"labels must have an integer dtype, got {arr.dtype}")
+    if arr.dtype.kind == "b":
+        arr = arr.view(np.uint8)
+    if arr.dtype.kind not in "ui":
+        raise InputError(f"labels must have an integer dtype, got {arr.dtype}")
+    if arr.shape != tuple(spatial_shape):
+        raise InputError(f"labels shape {arr.shape} does not match image shape {tuple(spatial_shape)}")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        raise InputError("labels must be >= 0 (0 = background, 1..K = classes)")
+    return arr
+
+
+# ----------------------------------------------------------------------------- weak tags
+def read_weak_csv(path: str | Path, n_slices: int) -> np.ndarray:
+    """Read per-slice weak tags from a CSV with columns ``slice,diseased`` (0/1).
+
+    Slices missing from the file are ``UNKNOWN`` (-1).
+
+    Raises
+    ------
+    InputError
+        When the file lacks the columns, holds values other than 0/1, or slice indices out of
+        range.
+    """
+    tags = np.full(n_slices, UNKNOWN, dtype=np.int8)
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"slice", "diseased"} <= set(reader.fieldnames):
+                raise InputError(f"{path}: weak-tag CSV needs the columns 'slice,diseased'")
+            for row in reader:
+                try:
+                    idx, val = int(row["slice"]), int(row["diseased"])
+                except (TypeError, ValueError):
+                    raise InputError(f"{path}: bad row {row}") from None
+                if not 0 <= idx < n_slices:
+                    raise InputError(f"{path}: slice {idx} out of range 0..{n_slices - 1}")
+                if val not in (0, 1):
+                    raise InputError(f"{path}: 'diseased' must be 0 or 1, got {val}")
+                tags[idx] = val
+    except OSError as exc:
+        raise InputError(f"cannot read weak tags: {exc}") from None
+    return tags
+
+
+def write_weak_csv(path: str | Path, tags: np.ndarray) -> Path:
+    """Write tagged slices (unknown ones are left out) as ``slice,diseased`` CSV."""
+    from .io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slice", "diseased"])
+        for i, t in enumerate(np.asarray(tags)):
+            if t != UNKNOWN:
+                writer.writerow([i, int(t)])
+    return path
+
+
+def _check_tags(tags, n_slices: int) -> np.ndarray:
+    if tags is None:
+        return np.full(n_slices, UNKNOWN, dtype=np.int8)
+    tags = np.asarray(tags)
+    if tags.shape != (n_slices,):
+        raise InputError(f"weak tags must have one entry per slice ({n_slices}), got {tags.shape}")
+    if not np.isin(tags, (UNKNOWN, HEALTHY, DISEASED)).all():
+        raise InputError("weak tags must be -1 (unknown), 0 (healthy) or 1 (diseased)")
+    return tags.astype(np.int8)
+
+
+def suggest_tags(labels: np.ndarray, tags=None, *, axis: int = 0) -> np.ndarray:
+    """Suggest weak tags from labels: a painted slice is diseased, others keep their tag."""
+    labels = np.asarray(labels)
+    painted = np.moveaxis(labels, axis, 0).reshape(labels.shape[axis], -1).any(axis=1)
+    out = _check_tags(tags, labels.shape[axis]).copy()
+    out[painted] = DISEASED
+    return out
+
+
+# ----------------------------------------------------------------------------- pools
+@dataclass(frozen=True)
+class SlicePools:
+    """Indices of slices (along the slicing axis) in each training pool."""
+
+    annotated: np.ndarray
+    unlabelled: np.ndarray
+    healthy: np.ndarray
+    diseased: np.ndarray
+    diseased_annotated: np.ndarray
+    num_classes: int
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.annotated)} annotated, {len(self.unlabelled)} unlabelled, "
+            f"{len(self.healthy)} healthy, {len(self.diseased)} diseased slices"
+        )
+
+
+def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
+    """Split slices into annotated / unlabelled / healthy / diseased pools.
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) integer ndarray
+    tags : (n_slices,) array of {-1, 0, 1}, optional
+        Weak tags along ``axis``: unknown, healthy, diseased.
+    axis : int
+        Slicing axis.
+
+    Returns
+    -------
+    SlicePools
+
+    Raises
+    ------
+    InputError
+        When no slice is annotated, or a healthy-tagged slice holds labels.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[axis]
+    tags = _check_tags(tags, n)
+    painted = np.moveaxis(labels, axis, 0).reshape(n, -1).any(axis=1)
+    conflict = np.flatnonzero(painted & (tags == HEALTHY))
+    if conflict.size:
+        raise InputError(f"slices {conflict.tolist()} are tagged healthy but hold labels")
+    annotated = painted | (tags == HEALTHY)
+    if not annotated.any():
+        raise InputError("no annotated slice: paint labels on at least one slice or tag one healthy")
+    diseased = (tags == DISEASED) | (painted & (tags == UNKNOWN))
+    return SlicePools(
+        annotated=np.flatnonzero(annotated),
+        unlabelled=np.flatnonzero(~annotated),
+        healthy=np.flatnonzero(tags == HEALTHY),
+        diseased=np.flatnonzero(diseased),
+        diseased_annotated=np.flatnonzero(diseased & painted),
+        num_classes=int(labels.max()) + 1,
+    )
+
+
+# ----------------------------------------------------------------------------- normalisation
+@dataclass(frozen=True)
+class Normaliser:
+    """Robust per-channel intensity normalisation, stored with a model.
+
+    Maps the ``low`` and ``high`` percentiles of each channel to -1 and 1 (no clipping, so bright
+    structures above the percentile keep their contrast).
+    """
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    percentiles: tuple[float, float] = (1.0, 99.0)
+
+    @classmethod
+    def fit(cls, image, *, percentiles=(1.0, 99.0), max_slices: int = 64, axis: int = 1):
+        """Estimate percentiles from at most ``max_slices`` evenly spaced slices.
+
+        Parameters
+        ----------
+        image : (C, Z, Y, X) array-like
+            May be lazy; only the chosen slices are read.
+
+        Raises
+        ------
+        InputError
+            When the image holds NaN or Inf.
+        """
+        n = image.shape[axis]
+        idx = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(int))
+        sub = np.asarray(np.take(image, idx, axis=axis), dtype=np.float64)
+        if not np.all(np.isfinite(sub)):
+            raise InputError("image contains NaN or Inf values")
+        flat = sub.reshape(sub.shape[0], -1)
+        lo = np.percentile(flat, percentiles[0], axis=1)
+        hi = np.percentile(flat, percentiles[1], axis=1)
+        # Zero-variance or near-binary channels: fall back to min/max, then to a unit scale.
+        mn, mx = flat.min(axis=1), flat.max(axis=1)
+        same = hi - lo <= 1e-8 * np.maximum(1.0, np.abs(hi))
+        lo = np.where(same, mn, lo)
+        hi = np.where(same, mx, hi)
+        hi = np.where(hi - lo <= 1e-12, lo + 1.0, hi)
+        return cls(tuple(map(float, lo)), tuple(map(float, hi)), tuple(map(float, percentiles)))
+
+    def __call__(self, x: np.ndarray, *, channel_axis: int = 0) -> np.ndarray:
+        """Return a normalised float32 copy of ``x`` (channels on ``channel_axis``)."""
+        x = np.asarray(x, dtype=np.float32)
+        shape = [1] * x.ndim
+        shape[channel_axis] = len(self.low)
+        lo = np.asarray(self.low, np.float32).reshape(shape)
+        hi = np.asarray(self.high, np.float32).reshape(shape)
+        out = (x - lo) * (2.0 / (hi - lo)) - 1.0
+        if not np.all(np.isfinite(out)):
+            raise InputError("image contains NaN or Inf values")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normaliser:
+        return cls(tuple(d["low"]), tuple(d["high"]), tuple(d["percentiles"]))
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class Batch:
+    """One training batch of 2D slices, as tensors on the method's device.
+
+    Attributes
+    ----------
+    labelled : (B, C, H, W) Tensor or None
+        Crops from annotated slices.
+    mask : (B, H, W) int64 Tensor or None
+        Their labels.
+    unlabelled : (B, C, H, W) Tensor or None
+        Crops from unannotated slices (all slices if none is unannotated).
+    healthy : (B, C, H, W) Tensor or None
+        Crops from healthy-tagged slices (domain A).
+    diseased : (B, C, H, W) Tensor or None
+        Crops from diseased slices (domain P), annotated or only tagged.
+    diseased_mask : (B, H, W) int64 Tensor or None
+        Labels of ``diseased`` (zeros where ``diseased_has_mask`` is False).
+    diseased_has_mask : (B,) bool Tensor or None
+    """
+
+    labelled: object = None
+    mask: object = None
+    unlabelled: object = None
+    healthy: object = None
+    diseased: object = None
+    diseased_mask: object = None
+    diseased_has_mask: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def _pad_to(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pad the last two axes of ``a`` up to ``size`` by reflection (edge when too small)."""
+    ph, pw = max(0, size[0] - a.shape[-2]), max(0, size[1] - a.shape[-1])
+    if ph == 0 and pw == 0:
+        return a
+    pad = [(0, 0)] * (a.ndim - 2) + [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
+    mode = "reflect" if ph < a.shape[-2] and pw < a.shape[-1] else "edge"
+    return np.pad(a, pad, mode=mode)
+
+
+class SliceSampler:
+    """Draw augmented 2D crops from a volume's slice pools.
+
+    Parameters
+    ----------
+    image : (C, Z, Y, X) array-like
+        Raw image; may be lazy (zarr, dask). Slices are read on demand and normalised.
+    labels : (Z, Y, X) integer ndarray
+    pools : SlicePools
+    normaliser : Normaliser
+    axis : int
+        Spatial slicing axis (0, 1 or 2 of ``(Z, Y, X)``).
+    crop : int
+        Side of square crops; slices smaller than this are padded.
+    augment : bool
+        Random flips, 90 degree rotations and mild intensity jitter.
+    cache : bool
+        Keep normalised slices in memory after their first read (fast for volumes that fit).
+    foreground_fraction : float
+        Share of labelled crops centred near a labelled pixel.
+    """
+
+    def __init__(
+        self,
+        image,
+        labels: np.ndarray,
+        pools: SlicePools,
+        normaliser: Normaliser,
+        *,
+        axis: int = 0,
+        crop: int = 96,
+        augment: bool = True,
+        cache: bool = True,
+        foreground_fraction: float = 0.33,
+    ):
+        self.image = image
+        self.labels = labels
+        self.pools = pools
+        self.normaliser = normaliser
+        self.axis = axis
+        self.crop = int(crop)
+        self.augment = augment
+        self.foreground_fraction = float(foreground_fraction)
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def slice_image(self, i: int) -> np.ndarray:
+        """Normalised ``(C, H, W)`` float32 slice ``i``."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        idx = [slice(None)] * 4
+        idx[self.axis + 1] = i
+        out = self.normaliser(np.asarray(self.image[tuple(idx)]))
+        if self._cache is not None:
+            self._cache[i] = out
+        return out
+
+    def slice_labels(self, i: int) -> np.ndarray:
+        return np.asarray(np.take(self.labels, i, axis=self.axis), dtype=np.int64)
+
+    def _crop(self, rng, img: np.ndarray, lab: np.ndarray | None):
+        size = (self.crop, self.crop)
+        img = _pad_to(img, size)
+        if lab is not None:
+            lab = _pad_to(lab[None], size)[0]
+        h, w = img.shape[-2:]
+        y = rng.integers(0, h - size[0] + 1)
+        x = rng.integers(0, w - size[1] + 1)
+        if lab is not None and rng.random() < self.foreground_fraction:
+            # Small targets are rare in random crops: centre some crops on a labelled pixel
+            # (nnU-Net oversamples foreground the same way).
+            fy, fx = np.nonzero(lab)
+            if len(fy):
+                j = rng.integers(len(fy))
+                y = int(np.clip(fy[j] - size[0] // 2 + rng.integers(-size[0] // 4, size[0] // 4 + 1), 0, h - size[0]))
+                x = int(np.clip(fx[j] - size[1] // 2 + rng.integers(-size[1] // 4, size[1] // 4 + 1), 0, w - size[1]))
+        img = img[:, y : y + size[0], x : x + size[1]]
+        if lab is not None:
+            lab = lab[y : y + size[0], x : x + size[1]]
+        if self.augment:
+            k = int(rng.integers(4))
+            flip = bool(rng.integers(2))
+            img = np.rot90(img, k, axes=(1, 2))
+            if flip:
+                img = img[:, :, ::-1]
+            if lab is not None:
+                lab = np.rot90(lab, k)
+                if flip:
+                    lab = lab[:, ::-1]
+            gain = rng.uniform(0.9, 1.1, size=(img.shape[0], 1, 1)).astype(np.float32)
+            shift = rng.uniform(-0.1, 0.1, size=(img.shape[0], 1, 1)).astype(np.float32)
+            img = img * gain + shift
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        lab = None if lab is None else np.ascontiguousarray(lab)
+        return img, lab
+
+    def draw(self, rng: np.random.Generator, pool: np.ndarray, n: int, with_labels: bool):
+        """Draw ``n`` crops from ``pool`` (with replacement); returns arrays."""
+        picks = rng.choice(pool, size=n, replace=True)
+        imgs, labs = [], []
+        for i in picks:
+            lab = self.slice_labels(int(i)) if with_labels else None
+            img, lab = self._crop(rng, self.slice_image(int(i)), lab)
+            imgs.append(img)
+            labs.append(lab)
+        images = np.stack(imgs)
+        labels = np.stack(labs) if with_labels else None
+        return picks, images, labels
+
+    def sample(self, rng: np.random.Generator, needs: dict[str, int]) -> dict[str, np.ndarray]:
+        """Draw a batch as numpy arrays for the pools named in ``needs`` (pool -> batch size).
+
+        Pools are ``labelled``, ``unlabelled``, ``healthy`` and ``diseased``. An empty pool falls
+        back sensibly: unlabelled -> all slices; healthy/diseased -> omitted.
+        """
+        out: dict[str, np.ndarray] = {}
+        p = self.pools
+        if n := needs.get("labelled", 0):
+            _, out["labelled"], out["mask"] = self.draw(rng, p.annotated, n, True)
+        if n := needs.get("unlabelled", 0):
+            pool = p.unlabelled if len(p.unlabelled) else np.arange(self.image.shape[self.axis + 1])
+            _, out["unlabelled"], _ = self.draw(rng, pool, n, False)
+        if (n := needs.get("healthy", 0)) and len(p.healthy):
+            _, out["healthy"], _ = self.draw(rng, p.healthy, n, False)
+        if (n := needs.get("diseased", 0)) and len(p.diseased):
+            picks, out["diseased"], out["diseased_mask"] = self.draw(rng, p.diseased, n, True)
+            out["diseased_has_mask"] = np.isin(picks, p.diseased_annotated)
+        return out

@@ -1,0 +1,192 @@
+"""Whole-volume prediction, slice batch by slice batch.
+
+Networks are fully convolutional, so each slice is predicted whole (padded by reflection to the
+network's size multiple, then cropped back): no tiling seams. Inputs are read one batch of
+slices at a time, so lazy (zarr, dask) volumes are never loaded whole, and outputs may be zarr
+arrays written batch by batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .data import InputError, as_channels
+from .engine import Progress, run
+from .methods.base import Method
+from .model import Model
+
+__all__ = ["iter_predict_volume", "predict_normalised_slices", "predict_volume"]
+
+
+def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
+    total = (-size) % multiple
+    return total // 2, total - total // 2
+
+
+def predict_normalised_slices(
+    method: Method, x: np.ndarray, outputs: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Predict a stack of normalised slices.
+
+    Parameters
+    ----------
+    method : Method
+    x : (B, C, H, W) float32 ndarray
+        Normalised slices of any size.
+    outputs : sequence of str
+        Extra method outputs to return (e.g. ``"residual"``), in normalised units.
+
+    Returns
+    -------
+    dict
+        ``mask`` (B, H, W) int64, ``probabilities`` (B, K, H, W) float32, and each requested
+        output as (B, C, H, W) float32.
+    """
+    h, w = x.shape[-2:]
+    m = method.size_multiple
+    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
+    t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    if pt or pb or pl or pr:
+        # Reflection needs the pad to be smaller than the side; replicate covers tiny slices.
+        mode = "reflect" if max(pt, pb) < h and max(pl, pr) < w else "replicate"
+        t = F.pad(t, (pl, pr, pt, pb), mode=mode)
+    res = method.predict(t)
+    crop = (slice(None), slice(None), slice(pt, pt + h), slice(pl, pl + w))
+    probs = res["probabilities"][crop].float()
+    out = {"probabilities": probs.cpu().numpy(), "mask": probs.argmax(1).cpu().numpy()}
+    for name in outputs:
+        out[name] = res[name][crop].float().cpu().numpy()
+    return out
+
+
+def iter_predict_volume(
+    model: Model,
+    image,
+    *,
+    batch_size: int = 8,
+    outputs: Sequence[str] = (),
+    probabilities: bool = True,
+    out: dict | None = None,
+) -> Generator[Progress, None, dict]:
+    """Predict every slice of a volume, yielding :class:`Progress` after each batch.
+
+    Parameters
+    ----------
+    model : Model
+    image : (Z, Y, X) or (C, Z, Y, X) array-like
+        Raw image; read one batch of slices at a time and never modified.
+    batch_size : int
+        Slices per forward pass.
+    outputs : sequence of str
+        Extra method outputs (see ``model.method.outputs``), returned in image intensity units
+        with the image's shape.
+    probabilities : bool
+        Also return class probabilities ``(K, Z, Y, X)``.
+    out : dict, optional
+        Preallocated arrays (numpy or zarr) to write into, keyed like the result (``mask``,
+        ``probabilities``, output names). Missing ones are allocated in memory.
+
+    Returns
+    -------
+    dict
+        ``mask`` (Z, Y, X) uint8/uint16, optionally ``probabilities`` (K, Z, Y, X) float32, and
+        each requested output.
+
+    Raises
+    ------
+    InputError
+        On a channel mismatch or an output the method does not offer.
+    """
+    squeeze = len(image.shape) == 3
+    image = as_channels(image)
+    method = model.method
+    if image.shape[0] != model.in_channels:
+        raise InputError(f"model expects {model.in_channels} channel(s), the image has {image.shape[0]}")
+    unknown = [o for o in outputs if o not in method.outputs]
+    if unknown:
+        raise InputError(f"method {method.name!r} has no output(s) {unknown}; it offers {list(method.outputs)}")
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+    axis = model.axis
+    spatial = tuple(image.shape[1:])
+    n = spatial[axis]
+    k = model.num_classes
+    mask_dtype = np.uint8 if k <= 256 else np.uint16
+    res = dict(out or {})
+    res.setdefault("mask", np.zeros(spatial, mask_dtype))
+    if probabilities:
+        res.setdefault("probabilities", np.zeros((k, *spatial), np.float32))
+    for name in outputs:
+        res.setdefault(name, np.zeros(image.shape, np.float32))
+    lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
+    hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
+    start = time.perf_counter()
+    yield Progress(0, n, {}, 0.0, phase="predict")
+    for s in range(0, n, batch_size):
+        e = min(n, s + batch_size)
+        idx = [slice(None)] * 4
+        idx[axis + 1] = slice(s, e)
+        raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+        x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
+        pred = predict_normalised_slices(method, model.normaliser(x, channel_axis=1), outputs)
+        _put(res["mask"], axis, s, e, pred["mask"].astype(mask_dtype))
+        if probabilities:
+            _put(res["probabilities"], axis + 1, s, e, pred["probabilities"])
+        for name in outputs:
+            y = pred[name]
+            if method.outputs[name] == "difference":
+                y = y * (hi - lo) / 2
+            else:
+                y = (y + 1) * (hi - lo) / 2 + lo
+            _put(res[name], axis + 1, s, e, y)
+        yield Progress(e, n, {}, time.perf_counter() - start, phase="predict")
+    if squeeze:
+        for name in outputs:
+            if isinstance(res[name], np.ndarray):
+                res[name] = res[name][0]
+    return res
+
+
+def _put(target, axis: int, s: int, e: int, value: np.ndarray) -> None:
+    """Write ``value`` (slices first) into ``target[..., s:e, ...]`` along ``axis``."""
+    idx = [slice(None)] * target.ndim
+    idx[axis] = slice(s, e)
+    target[tuple(idx)] = np.moveaxis(value, 0, axis)
+
+
+def predict_volume(model: Model, image, **kwargs) -> dict:
+    """Predict a whole volume; same arguments as :func:`iter_predict_volume`."""
+    return run(iter_predict_volume(model, image, **kwargs))
+
+
+def sample_tumours(model: Model, image, index: int, n: int, *, seed: int = 0) -> np.ndarray:
+    """``(n, [C,] Y, X)`` sampled absence->presence translations of slice ``index``.
+
+    Raises
+    ------
+    InputError
+        When the method cannot sample.
+    """
+    method = model.method
+    if not method.can_sample:
+        raise InputError(f"method {method.name!r} cannot sample tumours")
+    squeeze = len(image.shape) == 3
+    image = as_channels(image)
+    idx = [slice(None)] * 4
+    idx[model.axis + 1] = index
+    x = model.normaliser(np.asarray(image[tuple(idx)], dtype=np.float32))[None]
+    h, w = x.shape[-2:]
+    m = method.size_multiple
+    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
+    t = F.pad(method.to_tensor(x), (pl, pr, pt, pb), mode="replicate")
+    with torch.no_grad():
+        samples = method.sample_tumours(t, n, seed)[:, 0, :, pt : pt + h, pl : pl + w].float().cpu().numpy()
+    lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
+    hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
+    samples = (samples + 1) * (hi - lo) / 2 + lo
+    return samples[:, 0] if squeeze else samples

@@ -1,0 +1,320 @@
+"""The one interface every training method implements, and the method registry."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Method",
+    "MethodParams",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``.
+
+    Raises
+    ------
+    ValueError
+        When the name is already taken by another class.
+    """
+    name = cls.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method {name!r} is already registered")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, in registration order."""
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """Return the method class registered as ``name``.
+
+    Raises
+    ------
+    KeyError
+        For unknown names (the message lists the known ones).
+    """
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+@dataclasses.dataclass
+class MethodParams:
+    """Hyperparameters shared by all methods; each method extends this dataclass."""
+
+    lr: float = 1e-3
+    features: tuple[int, ...] = (16, 32, 64, 128)
+
+
+class Method(abc.ABC):
+    """A segmentation method: owns its networks and optimisers and trains one step at a time.
+
+    Subclasses set the class attributes, build networks in :meth:`build` and implement
+    :meth:`training_step` and :meth:`predict`.
+
+    Parameters
+    ----------
+    in_channels : int
+        Image channels.
+    num_classes : int
+        Classes including background (``K + 1``).
+    params : dict or MethodParams, optional
+        Hyperparameters; unknown keys raise ``ValueError``.
+    device : str or torch.device
+        Where networks live.
+    amp : bool
+        Use automatic mixed precision on CUDA (bf16 where supported, else fp16 with a scaler).
+    """
+
+    #: Registry name.
+    name: ClassVar[str]
+    #: One-line description for the CLI and the widget.
+    summary: ClassVar[str]
+    #: Paper the method follows.
+    reference: ClassVar[str] = ""
+    #: Hyperparameter dataclass.
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: Extra image outputs of :meth:`predict` besides ``probabilities``: name -> ``"image"``
+    #: (intensities, e.g. a healthy translation) or ``"difference"`` (e.g. a residual).
+    outputs: ClassVar[dict[str, str]] = {}
+    #: Whether :meth:`sample_tumours` is implemented.
+    can_sample: ClassVar[bool] = False
+    #: Whether the method learns from weak healthy/diseased tags.
+    uses_tags: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        params: dict | MethodParams | None = None,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+    ):
+        if num_classes < 2:
+            raise ValueError("num_classes counts background: it must be at least 2")
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.params = self.parse_params(params)
+        self.device = torch.device(device)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp_dtype = (
+            torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        self._scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.step = 0
+        self.nets: dict[str, nn.Module] = {}
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.build()
+        for key, net in self.nets.items():
+            self.nets[key] = self._place(net)
+        self.make_optimizers()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def parse_params(cls, params: dict | MethodParams | None) -> MethodParams:
+        """Validate and return hyperparameters as the method's ``Params`` dataclass."""
+        if params is None:
+            return cls.Params()
+        if isinstance(params, cls.Params):
+            return params
+        if isinstance(params, MethodParams):
+            params = dataclasses.asdict(params)
+        names = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = set(params) - names
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) for {cls.name}: {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls.Params):
+            if f.name in params:
+                kwargs[f.name] = coerce_param(f, params[f.name])
+        return cls.Params(**kwargs)
+
+    @abc.abstractmethod
+    def build(self) -> None:
+        """Create the networks in ``self.nets``."""
+
+    def make_optimizers(self) -> None:
+        """Create ``self.opts``; the default is one Adam over every network."""
+        params = [p for net in self.nets.values() for p in net.parameters()]
+        self.opts["main"] = torch.optim.Adam(params, lr=self.params.lr)
+
+    def _place(self, net: nn.Module) -> nn.Module:
+        # channels_last speeds up convolutions with tensor cores; it only slows the CPU path.
+        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        return net.to(self.device, memory_format=fmt)
+
+    @property
+    def size_multiple(self) -> int:
+        """Slice sides must be multiples of this (inference pads to it)."""
+        return 2 ** (len(self.params.features) - 1)
+
+    def batch_needs(self, batch_size: int) -> dict[str, int]:
+        """Pool name -> number of crops this method wants per step."""
+        return {"labelled": batch_size}
+
+    # ------------------------------------------------------------------ training helpers
+    def autocast(self):
+        """Autocast context: mixed precision on CUDA when ``amp`` is on, a no-op otherwise."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer, *, retain_graph: bool = False):
+        """Zero the optimiser's gradients, back-propagate ``loss`` (scaled for fp16) and step."""
+        opt.zero_grad(set_to_none=True)
+        self._scaler.scale(loss).backward(retain_graph=retain_graph)
+        self._scaler.step(opt)
+        self._scaler.update()
+
+    def to_tensor(self, x, dtype=torch.float32) -> torch.Tensor | None:
+        if x is None:
+            return None
+        t = torch.as_tensor(x)
+        pin = self.device.type == "cuda" and t.device.type == "cpu"
+        if pin:
+            t = t.pin_memory()
+        t = t.to(self.device, dtype=dtype if t.is_floating_point() else None, non_blocking=pin)
+        if t.dim() == 4 and self.device.type == "cuda" and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Networks in eval mode and no autograd, restoring their previous mode after."""
+        modes = {k: n.training for k, n in self.nets.items()}
+        for n in self.nets.values():
+            n.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for k, n in self.nets.items():
+                n.train(modes[k])
+
+    def train_mode(self) -> None:
+        for n in self.nets.values():
+            n.train()
+
+    # ------------------------------------------------------------------ the interface
+    @abc.abstractmethod
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Run one optimisation step and return its named losses as floats.
+
+        Parameters
+        ----------
+        batch : dict of Tensor
+            Keys from :meth:`semiseg.data.SliceSampler.sample` (``labelled``, ``mask``,
+            ``unlabelled``, ``healthy``, ``diseased``, ...), already on ``self.device``.
+        """
+
+    @abc.abstractmethod
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predict on normalised slices.
+
+        Parameters
+        ----------
+        x : (B, C, H, W) Tensor
+            Normalised slices, H and W multiples of :attr:`size_multiple`.
+
+        Returns
+        -------
+        dict
+            ``probabilities``: (B, K, H, W) Tensor, plus the method's extra ``outputs``, each
+            (B, C, H, W) in normalised intensity units.
+        """
+
+    def sample_tumours(self, x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+        """Return ``(n, B, C, H, W)`` absence->presence translations of ``x``."""
+        raise NotImplementedError(f"method {self.name!r} cannot sample")
+
+    def uncertainty(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel uncertainty ``(B, H, W)``: predictive entropy by default."""
+        p = self.predict(x)["probabilities"].float().clamp_min(1e-8)
+        return -(p * p.log()).sum(1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimiser states and step counter (tensors and plain types only)."""
+        return {
+            "nets": {k: n.state_dict() for k, n in self.nets.items()},
+            "opts": {k: o.state_dict() for k, o in self.opts.items()},
+            "step": self.step,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        missing = set(self.nets) - set(state["nets"])
+        if missing and strict:
+            raise ValueError(f"model file lacks networks: {', '.join(sorted(missing))}")
+        for k, net in self.nets.items():
+            if k in state["nets"]:
+                net.load_state_dict(state["nets"][k], strict=strict)
+        for k, opt in self.opts.items():
+            if k in state.get("opts", {}):
+                opt.load_state_dict(state["opts"][k])
+        self.step = int(state.get("step", 0))
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific state to save beside the networks (plain types and tensors)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def release(self) -> None:
+        """Drop optimisers' state and free cached GPU memory."""
+        for opt in self.opts.values():
+            opt.state.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def coerce_param(field: dataclasses.Field, value):
+    """Convert a CLI/widget string (or number) to the type of a ``Params`` field."""
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if not isinstance(value, str):
+        if isinstance(default, tuple):
+            return tuple(value)
+        return type(default)(value) if default is not None else value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{field.name}: expected true/false, got {value!r}")
+    if isinstance(default, tuple):
+        items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        kind = type(default[0]) if default else int
+        return tuple(kind(v) for v in items)
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{field.name}: cannot read {value!r} as {type(default).__name__}") from None
+
