@@ -1,0 +1,189 @@
+"""Annotation efficiency: Dice on unannotated slices vs the number K of annotated slices.
+
+Trains each method for a fixed budget on a synthetic sample with K annotated slices and scores
+the prediction on every other slice. Results are appended, one JSON line per run, so runs can be
+split across sessions; ``--report`` aggregates them into a Markdown table and a plot.
+
+Examples
+--------
+Supervised at K = 1, 3, 5, 10 with a 60 s wall-clock budget::
+
+    python benchmarks/annotation_efficiency.py --methods supervised --samples phantom \
+        --k 1 3 5 10 --seeds 0 1 2 --minutes 1 --clock wall
+
+Every method, fixed CPU budget (process time, fair on a shared machine)::
+
+    python benchmarks/annotation_efficiency.py --k 1 3 5 --seeds 0 1 2 --minutes 2 --clock process
+
+    python benchmarks/annotation_efficiency.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "annotation_efficiency.jsonl"
+
+
+def soft_dice(prob_fg: np.ndarray, truth: np.ndarray) -> float:
+    """Soft Dice accumulated over the evaluation set (the metric of Vorontsov et al.)."""
+    t = truth.astype(np.float64)
+    return float(2 * (prob_fg * t).sum() / (prob_fg.sum() + t.sum() + 1e-8))
+
+
+def run_one(method, sample_kind, k, seed, args, params) -> dict:
+    import torch
+
+    import semiseg
+    from semiseg.metrics import dice_per_class
+
+    torch.set_num_threads(args.threads)
+    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k)
+    config = semiseg.TrainConfig(
+        steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
+        batch_size=args.batch_size, crop=args.crop if sample_kind == "phantom" else min(args.crop, 48),
+    )
+    tags = sample.tags if args.tags else None
+    t0 = time.perf_counter()
+    model = semiseg.train(
+        sample.image, sample.labels, tags=tags, method=method, params=params or None,
+        config=config, device="cpu",
+    )
+    train_s = time.perf_counter() - t0
+    res = semiseg.predict_volume(model, sample.image)
+    keep = np.ones(len(sample.truth), bool)
+    keep[sample.annotated] = False
+    hard = dice_per_class(res["mask"], sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+    soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
+    h = model.history[-1]
+    return {
+        "method": method, "sample": sample_kind, "k": k, "seed": seed,
+        "dice": round(hard, 4), "soft_dice": round(soft, 4),
+        "steps": h["steps"], "train_seconds": round(train_s, 1),
+        "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
+        "tags": bool(args.tags), "params": params, "losses": h["losses"],
+        "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def parse_params(items):
+    """``method:key=value`` strings -> {method: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        head, _, value = item.partition("=")
+        method, _, key = head.partition(":")
+        if not key or not value:
+            raise SystemExit(f"--param expects METHOD:KEY=VALUE, got {item!r}")
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(path: Path, out_md: Path, out_png: Path) -> str:
+    """Aggregate the JSON lines into a Markdown table (mean ± std over seeds) and a plot."""
+    rows = load(path)
+    if not rows:
+        raise SystemExit(f"no results in {path}")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["sample"], r["method"], r["k"], r["budget_minutes"], r["clock"]), []).append(r)
+    lines = [
+        "| sample | method | K | budget | Dice (mean ± std) | soft Dice | steps | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (sample, method, k, budget, clock), rs in sorted(groups.items()):
+        d = np.array([r["dice"] for r in rs])
+        s = np.array([r["soft_dice"] for r in rs])
+        steps = int(np.mean([r["steps"] for r in rs]))
+        lines.append(
+            f"| {sample} | {method} | {k} | {budget} min {clock} | {d.mean():.3f} ± {d.std():.3f} "
+            f"| {s.mean():.3f} | {steps} | {len(rs)} |"
+        )
+    table = "\n".join(lines)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        samples = sorted({g[0] for g in groups})
+        fig, axes = plt.subplots(1, len(samples), figsize=(6 * len(samples), 4), squeeze=False)
+        for ax, sample in zip(axes[0], samples):
+            methods = sorted({g[1] for g in groups if g[0] == sample})
+            for m in methods:
+                ks = sorted({g[2] for g in groups if g[0] == sample and g[1] == m})
+                means, stds = [], []
+                for k in ks:
+                    rs = [r for g, v in groups.items() if g[:3] == (sample, m, k) for r in v]
+                    d = np.array([r["dice"] for r in rs])
+                    means.append(d.mean())
+                    stds.append(d.std())
+                ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=m)
+            ax.set_title(sample)
+            ax.set_xlabel("annotated slices K")
+            ax.set_ylabel("Dice on unannotated slices")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=90)
+    except ImportError:
+        pass
+    return table
+
+
+def main(argv=None) -> int:
+    import semiseg
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "digits"])
+    p.add_argument("--k", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--minutes", type=float, default=1.0, help="training budget per run")
+    p.add_argument("--clock", choices=["wall", "process"], default="process")
+    p.add_argument("--steps", type=int, default=100000, help="step cap (the budget usually binds)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--no-tags", dest="tags", action="store_false", help="hide weak tags from methods")
+    p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--report", action="store_true", help="aggregate results and exit")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(args.out, args.out.with_suffix(".md"), args.out.with_suffix(".png")))
+        return 0
+    methods = args.methods or semiseg.list_methods()
+    params = parse_params(args.param)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for sample in args.samples:
+        for k in args.k:
+            for seed in args.seeds:
+                for m in methods:
+                    r = run_one(m, sample, k, seed, args, params.get(m, {}))
+                    print(json.dumps(r), flush=True)
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

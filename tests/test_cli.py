@@ -1,0 +1,154 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from semiseg.cli import main
+from semiseg.io import read_volume, write_volume
+
+from ._util import file_hash
+
+TINY = ["--param", "features=8,16", "--steps", "2", "--batch-size", "2", "--crop", "32"]
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    # A tiny volume in the CLI's formats, made through the API to keep it fast.
+    import semiseg
+    from semiseg.data import write_weak_csv
+
+    s = semiseg.make_phantom(1, shape=(8, 32, 36), labelled=2, n_tumours=2)
+    write_volume(d / "image.tif", s.image)
+    write_volume(d / "labels.tif", s.labels)
+    write_volume(d / "truth.tif", s.truth)
+    write_weak_csv(d / "weak.csv", s.tags)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_path(sample_dir):
+    out = sample_dir / "model.pt"
+    assert main(["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["phantom", "digits"])
+def test_sample(tmp_path, kind, capsys):
+    assert main(["sample", str(tmp_path / "s"), "--kind", kind, "--labelled", "2", "--seed", "3"]) == 0
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert files == ["image.tif", "labels.tif", "truth.tif", "weak.csv"]
+    labels = read_volume(tmp_path / "s" / "labels.tif")
+    assert (labels.reshape(len(labels), -1).any(1)).sum() == 2
+    assert "2 annotated" in capsys.readouterr().out
+
+
+def test_train_predict_evaluate(sample_dir, model_path, tmp_path, capsys):
+    assert model_path.is_file()
+    mask = tmp_path / "mask.zarr"
+    prob = tmp_path / "prob.tif"
+    assert main(["predict", str(model_path), str(sample_dir / "image.tif"), "-o", str(mask), "--prob", str(prob)]) == 0
+    m = read_volume(mask)
+    assert m.shape == (8, 32, 36) and m.dtype == np.uint8
+    assert read_volume(prob).shape == (2, 8, 32, 36)
+    capsys.readouterr()
+    assert main(["evaluate", str(mask), str(sample_dir / "truth.tif"), "--ignore-slices-of", str(sample_dir / "labels.tif")]) == 0
+    out = capsys.readouterr().out
+    assert "class 1: dice" in out and "mean dice" in out
+
+
+def test_train_with_weak_tags_and_continue(sample_dir, model_path, tmp_path, capsys):
+    out = tmp_path / "m2.pt"
+    args = ["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(out),
+            "--weak", str(sample_dir / "weak.csv"), "--continue-from", str(model_path), *TINY]
+    assert main(args) == 0
+    import semiseg
+
+    assert len(semiseg.load_model(out).history) == 2
+
+
+def test_methods_lists_every_method(capsys):
+    import semiseg
+
+    assert main(["methods", "--params"]) == 0
+    out = capsys.readouterr().out
+    for name in semiseg.list_methods():
+        assert any(line.startswith(name + " ") for line in out.splitlines())
+    assert "    lr = " in out
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", str(tmp_path / "d"), "--kind", "digits", "--labelled", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "dice on unannotated slices:" in out
+    assert (tmp_path / "d" / "mask.tif").is_file() and (tmp_path / "d" / "model.pt").is_file()
+
+
+def _bad(tmp_path, name, data):
+    p = tmp_path / name
+    write_volume(p, data)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no such file"),
+        ("dims", "3D"),
+        ("mismatch", "does not match"),
+        ("empty", "no annotated slice"),
+        ("float", "integer"),
+        ("nan", "NaN"),
+        ("method", "unknown method"),
+        ("param", "unknown parameter"),
+    ],
+)
+def test_train_bad_input(tmp_path, sample_dir, case, message, capsys):
+    image, labels = str(sample_dir / "image.tif"), str(sample_dir / "labels.tif")
+    extra = []
+    if case == "missing":
+        image = str(tmp_path / "none.tif")
+    elif case == "dims":
+        image = str(_bad(tmp_path, "img2d.npy", np.zeros((32, 36), np.float32)))
+    elif case == "mismatch":
+        labels = str(_bad(tmp_path, "lab.npy", np.ones((8, 32, 35), np.uint8)))
+    elif case == "empty":
+        labels = str(_bad(tmp_path, "lab.npy", np.zeros((8, 32, 36), np.uint8)))
+    elif case == "float":
+        labels = str(_bad(tmp_path, "lab.npy", np.ones((8, 32, 36), np.float32)))
+    elif case == "nan":
+        img = read_volume(sample_dir / "image.tif").astype(np.float32)
+        img[2, 3, 4] = np.nan
+        image = str(_bad(tmp_path, "img.npy", img))
+    elif case == "method":
+        extra = ["--method", "nope"]
+    elif case == "param":
+        extra = ["--param", "bogus=1"]
+    before = {p: file_hash(p) for p in (image, labels) if os.path.exists(p)}
+    out = tmp_path / "model.pt"
+    code = main(["train", image, labels, "-o", str(out), *TINY, *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+    assert {p: file_hash(p) for p in before} == before
+
+
+def test_predict_unreadable_model(tmp_path, sample_dir, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"garbage")
+    code = main(["predict", str(bad), str(sample_dir / "image.tif"), "-o", str(tmp_path / "m.tif")])
+    assert code == 2
+    assert "not a napari-semiseg model" in capsys.readouterr().err
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_python_dash_m_and_no_traceback(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "semiseg", "train", str(tmp_path / "x.tif"), str(tmp_path / "y.tif"), "-o", str(tmp_path / "m.pt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr

@@ -1,0 +1,196 @@
+import numpy as np
+import pytest
+
+from semiseg.data import (
+    DISEASED,
+    HEALTHY,
+    UNKNOWN,
+    InputError,
+    Normaliser,
+    SliceSampler,
+    as_channels,
+    make_pools,
+    read_weak_csv,
+    suggest_tags,
+    validate_labels,
+    write_weak_csv,
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((5, 7, 9), (1, 5, 7, 9)), ((2, 5, 7, 9), (2, 5, 7, 9))],
+)
+def test_as_channels_shapes(shape, expected):
+    assert as_channels(np.zeros(shape, np.uint16)).shape == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        ((7, 9), np.float32, "3D"),
+        ((1, 2, 3, 4, 5), np.float32, "3D"),
+        ((64, 64, 3), np.uint8, "RGB"),
+        ((40, 5, 7, 9), np.float32, "channels"),
+        ((5, 7, 9), np.complex64, "numeric"),
+        ((5, 7, 9), np.bool_, "numeric"),
+    ],
+)
+def test_as_channels_rejects(shape, dtype, message):
+    with pytest.raises(InputError, match=message):
+        as_channels(np.zeros(shape, dtype))
+
+
+def test_as_channels_moves_channel_axis():
+    img = np.zeros((5, 7, 9, 2))
+    assert as_channels(img, channel_axis=-1).shape == (2, 5, 7, 9)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.zeros((3, 4, 4), np.float32), "integer"),
+        (np.full((3, 4, 4), 0.5, np.float32), "whole"),
+        (-np.ones((3, 4, 4), np.int16), ">= 0"),
+        (np.zeros((3, 4, 5), np.uint8), "does not match"),
+    ],
+)
+def test_validate_labels_rejects(labels, message):
+    with pytest.raises(InputError, match=message):
+        validate_labels(labels, (3, 4, 4))
+
+
+def _labels(painted_slices, n=6):
+    lab = np.zeros((n, 4, 4), np.uint8)
+    for i in painted_slices:
+        lab[i, 1, 1] = 1
+    return lab
+
+
+@pytest.mark.parametrize(
+    ("painted", "tags", "annotated", "unlabelled", "healthy", "diseased"),
+    [
+        ([1, 3], None, [1, 3], [0, 2, 4, 5], [], [1, 3]),
+        ([1], [0, -1, -1, 1, -1, -1], [0, 1], [2, 3, 4, 5], [0], [1, 3]),
+        ([], [0, 0, -1, -1, -1, -1], [0, 1], [2, 3, 4, 5], [0, 1], []),
+        ([2], [-1, -1, -1, -1, -1, 1], [2], [0, 1, 3, 4, 5], [], [2, 5]),
+    ],
+)
+def test_make_pools(painted, tags, annotated, unlabelled, healthy, diseased):
+    pools = make_pools(_labels(painted), tags)
+    assert pools.annotated.tolist() == annotated
+    assert pools.unlabelled.tolist() == unlabelled
+    assert pools.healthy.tolist() == healthy
+    assert pools.diseased.tolist() == diseased
+    assert pools.painted.tolist() == painted
+
+
+def test_make_pools_along_other_axis():
+    lab = np.zeros((3, 5, 4), np.uint8)
+    lab[:, 2, :] = 1
+    pools = make_pools(lab, axis=1)
+    assert pools.annotated.tolist() == [2]
+    assert pools.unlabelled.tolist() == [0, 1, 3, 4]
+
+
+def test_make_pools_errors():
+    with pytest.raises(InputError, match="no annotated slice"):
+        make_pools(_labels([]))
+    with pytest.raises(InputError, match="tagged healthy but hold labels"):
+        make_pools(_labels([1]), [-1, 0, -1, -1, -1, -1])
+    with pytest.raises(InputError, match="one entry per slice"):
+        make_pools(_labels([1]), [1, 0])
+    with pytest.raises(InputError, match="-1"):
+        make_pools(_labels([1]), [3, 0, 0, 0, 0, 0])
+
+
+def test_multiclass_count():
+    lab = _labels([1])
+    lab[2, 0, 0] = 3
+    assert make_pools(lab).num_classes == 4
+
+
+def test_weak_csv_round_trip(tmp_path):
+    tags = np.array([UNKNOWN, HEALTHY, DISEASED, UNKNOWN, HEALTHY], np.int8)
+    path = write_weak_csv(tmp_path / "weak.csv", tags)
+    assert path.read_text().splitlines()[0] == "slice,diseased"
+    np.testing.assert_array_equal(read_weak_csv(path, 5), tags)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,b\n1,0\n", "columns"),
+        ("slice,diseased\n9,1\n", "out of range"),
+        ("slice,diseased\n1,2\n", "0 or 1"),
+        ("slice,diseased\nx,1\n", "bad row"),
+    ],
+)
+def test_weak_csv_errors(tmp_path, text, message):
+    p = tmp_path / "weak.csv"
+    p.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_weak_csv(p, 5)
+
+
+def test_weak_csv_missing_file(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        read_weak_csv(tmp_path / "nope.csv", 3)
+
+
+def test_suggest_tags_marks_painted_slices():
+    tags = suggest_tags(_labels([2, 4]), [0, -1, -1, -1, -1, -1])
+    assert tags.tolist() == [0, -1, 1, -1, 1, -1]
+
+
+def test_normaliser_maps_percentiles():
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 10, (1, 4, 32, 32))
+    norm = Normaliser.fit(img)
+    out = norm(img)
+    assert out.dtype == np.float32
+    assert np.percentile(out, 1) == pytest.approx(-1, abs=0.05)
+    assert np.percentile(out, 99) == pytest.approx(1, abs=0.05)
+    assert Normaliser.from_dict(norm.to_dict()) == norm
+
+
+def test_normaliser_handles_constant_and_rejects_nan():
+    norm = Normaliser.fit(np.full((1, 2, 4, 4), 7.0))
+    assert np.all(np.isfinite(norm(np.full((1, 4, 4), 7.0))))
+    bad = np.zeros((1, 2, 4, 4))
+    bad[0, 1, 1, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        Normaliser.fit(bad)
+
+
+def test_sampler_shapes_and_painted_oversampling():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 20, 24, 20)).astype(np.float32)
+    labels = np.zeros((20, 24, 20), np.uint8)
+    labels[3, 5:9, 5:9] = 1
+    tags = np.full(20, HEALTHY)
+    tags[3] = UNKNOWN
+    tags[10:] = UNKNOWN
+    pools = make_pools(labels, tags)
+    sampler = SliceSampler(image, labels, pools, Normaliser.fit(image), crop=32)
+    out = sampler.sample(rng, {"labelled": 4, "unlabelled": 3, "healthy": 2, "diseased": 2})
+    assert out["labelled"].shape == (4, 1, 32, 32)  # padded up from 24 x 20
+    assert out["mask"].shape == (4, 32, 32)
+    assert out["unlabelled"].shape == (3, 1, 32, 32)
+    assert out["healthy"].shape == (2, 1, 32, 32)
+    assert out["diseased_has_mask"].all()
+    # At least half the labelled crops come from the one painted slice despite 9 healthy ones.
+    hits = sum(out["mask"][i].any() for i in range(4))
+    assert hits >= 2
+
+
+def test_sampler_is_seeded():
+    image = np.random.default_rng(1).normal(size=(1, 6, 40, 40)).astype(np.float32)
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[2, 10:20, 10:20] = 1
+    pools = make_pools(labels)
+    s = SliceSampler(image, labels, pools, Normaliser.fit(image), crop=16)
+    a = s.sample(np.random.default_rng(5), {"labelled": 3, "unlabelled": 3})
+    b = s.sample(np.random.default_rng(5), {"labelled": 3, "unlabelled": 3})
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

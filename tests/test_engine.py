@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+import semiseg
+from semiseg.data import InputError
+from semiseg.engine import Progress, TrainConfig, TrainingError, iter_train, run
+
+from ._util import TINY_PARAMS, array_hash
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.method.nets["seg"].parameters()])
+
+
+def test_progress_records(tiny_phantom, tiny_config):
+    s = tiny_phantom
+    records = []
+    model = run(iter_train(s.image, s.labels, params=TINY_PARAMS, config=tiny_config), records.append)
+    assert all(isinstance(r, Progress) for r in records)
+    assert [r.step for r in records] == [0, 1, 2]
+    assert records[-1].fraction == 1.0
+    assert set(records[-1].losses) == {"dice", "ce"}
+    assert all(np.isfinite(v) for v in records[-1].losses.values())
+    assert records[-1].elapsed >= records[1].elapsed >= 0
+    assert isinstance(model, semiseg.Model)
+    assert model.history[-1]["steps"] == 2
+    assert model.history[-1]["annotated_slices"] == s.annotated.tolist()
+
+
+def test_same_seed_same_weights_different_seed_differs(tiny_phantom):
+    s = tiny_phantom
+    cfg = dict(steps=3, batch_size=2, crop=32)
+    a = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=1, **cfg))
+    b = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=1, **cfg))
+    c = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=2, **cfg))
+    assert torch.equal(_weights(a), _weights(b))
+    assert not torch.equal(_weights(a), _weights(c))
+
+
+def test_inputs_never_modified(tiny_phantom, tiny_config):
+    s = tiny_phantom
+    image, labels, tags = s.image.copy(), s.labels.copy(), s.tags.copy()
+    hashes = [array_hash(a) for a in (image, labels, tags)]
+    model = semiseg.train(image, labels, tags=tags, params=TINY_PARAMS, config=tiny_config)
+    semiseg.predict_volume(model, image)
+    assert [array_hash(a) for a in (image, labels, tags)] == hashes
+
+
+def test_time_budget_stops_early(tiny_phantom):
+    s = tiny_phantom
+    cfg = TrainConfig(steps=10_000, minutes=0.02, batch_size=2, crop=32)
+    model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=cfg)
+    assert 1 <= model.history[-1]["steps"] < 10_000
+    assert model.history[-1]["seconds"] < 10
+
+
+def test_continue_training_keeps_normaliser_and_counts_steps(tiny_phantom, tiny_config):
+    s = tiny_phantom
+    model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=tiny_config)
+    norm = model.normaliser
+    again = semiseg.train(s.image * 2, s.labels, model=model, config=tiny_config)
+    assert again is model and again.normaliser == norm
+    assert model.method.step == 4 and len(model.history) == 2
+
+
+def test_continue_rejects_mismatches(tiny_phantom, tiny_config):
+    s = tiny_phantom
+    model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=tiny_config)
+    two = np.stack([s.image, s.image])
+    with pytest.raises(InputError, match="channel"):
+        semiseg.train(two, s.labels, model=model, config=tiny_config)
+    more = s.labels.copy()
+    more[s.annotated[0], 0, 0] = 2
+    with pytest.raises(InputError, match="classes"):
+        semiseg.train(s.image, more, model=model, config=tiny_config)
+
+
+def test_preview_callback(tiny_phantom):
+    s = tiny_phantom
+    cfg = TrainConfig(steps=3, batch_size=2, crop=32, preview_every=0.0)
+    previews = [
+        p for p in iter_train(s.image, s.labels, params=TINY_PARAMS, config=cfg, preview_index=lambda: 4)
+        if p.preview is not None
+    ]
+    assert previews and previews[0].preview.shape == s.image.shape[1:]
+    assert previews[0].preview_index == 4
+
+
+def test_non_finite_loss_restores_last_good_weights(tiny_phantom, monkeypatch):
+    s = tiny_phantom
+    cfg = TrainConfig(steps=5, batch_size=2, crop=32)
+    gen = iter_train(s.image, s.labels, params=TINY_PARAMS, config=cfg)
+    next(gen)  # inputs validated, model built
+    model_ref = {}
+    cls = semiseg.get_method("supervised")
+    original = cls.training_step
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        model_ref["m"] = self
+        if calls["n"] == 1:
+            model_ref["before"] = [p.detach().clone() for p in self.nets["seg"].parameters()]
+        out = original(self, batch)
+        return {**out, "dice": float("nan")} if calls["n"] == 2 else out
+
+    monkeypatch.setattr(cls, "training_step", flaky)
+    with pytest.raises(TrainingError, match="non-finite"):
+        run(gen)
+    restored = list(model_ref["m"].nets["seg"].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model_ref["before"], restored))
+
+
+def test_bad_inputs_fail_before_training():
+    with pytest.raises(InputError, match="no annotated"):
+        semiseg.train(np.zeros((3, 16, 16)), np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(KeyError, match="unknown method"):
+        semiseg.train(np.random.rand(3, 16, 16), np.ones((3, 16, 16), np.uint8), method="nope")
+    with pytest.raises(InputError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_cuda_request_without_cuda_is_clear():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(InputError, match="CUDA"):
+        semiseg.engine.resolve_device("cuda")

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+import semiseg
+from semiseg.data import DISEASED, HEALTHY, make_pools
+from semiseg.synthetic import sparse_labels
+
+
+def test_phantom_is_seeded_and_scan_like():
+    a = semiseg.make_phantom(3, shape=(16, 48, 48), labelled=2)
+    b = semiseg.make_phantom(3, shape=(16, 48, 48), labelled=2)
+    c = semiseg.make_phantom(4, shape=(16, 48, 48), labelled=2)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.dtype == np.uint16 and a.truth.dtype == np.uint8
+    has = a.truth.reshape(16, -1).any(1)
+    assert has.any() and not has.all()  # some slices healthy
+    np.testing.assert_array_equal(a.tags, np.where(has, DISEASED, HEALTHY))
+    assert len(a.annotated) == 2
+    np.testing.assert_array_equal(a.labels[a.annotated], a.truth[a.annotated])
+    pools = make_pools(a.labels, a.tags)
+    assert set(pools.annotated) >= set(a.annotated)
+
+
+def test_phantom_tumours_differ_from_tissue():
+    s = semiseg.make_phantom(0, shape=(24, 64, 64))
+    tumour = s.image[s.truth > 0].astype(float)
+    ring = s.image[(s.truth == 0)].astype(float)
+    assert abs(np.median(tumour) - np.median(ring)) > 10
+
+
+def test_digits_follow_the_paper_construction():
+    s = semiseg.make_digits(0, n_slices=40, labelled=3)
+    healthy = s.tags == HEALTHY
+    assert healthy.sum() == 20
+    assert not s.truth[healthy].any()
+    assert s.truth[~healthy].reshape(20, -1).any(1).all()
+    noise_only = semiseg.make_digits(0, n_slices=4, clutter=0, healthy_fraction=1.0, labelled=0)
+    assert noise_only.image.std() == pytest.approx(0.01, rel=0.05)
+
+
+def test_digits_only_annotates_requested_digit():
+    s = semiseg.make_digits(1, n_slices=300, labelled=3, labelled_digit=9)
+    assert len(s.annotated) == 3
+
+
+def test_sparse_labels_spreads_slices():
+    truth = np.zeros((20, 2, 2), np.uint8)
+    truth[4:16] = 1
+    lab = sparse_labels(truth, 3)
+    idx = np.flatnonzero(lab.reshape(20, -1).any(1))
+    assert len(idx) == 3 and idx.min() >= 4 and idx.max() <= 15 and np.diff(idx).min() >= 3
+    assert not sparse_labels(truth, 0).any()
+
+
+def test_unknown_sample_kind():
+    with pytest.raises(ValueError, match="unknown sample"):
+        semiseg.make_sample("cats")
