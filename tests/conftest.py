@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import semiseg
 
+from ._util import TINY_PARAMS
+
 # One thread: tests are tiny, results are reproducible and CI has two cores.
 torch.set_num_threads(1)
-
-from ._util import TINY_PARAMS
 
 
 @pytest.fixture(scope="session")

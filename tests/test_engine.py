@@ -30,7 +30,7 @@ def test_progress_records(tiny_phantom, tiny_config):
 
 def test_same_seed_same_weights_different_seed_differs(tiny_phantom):
     s = tiny_phantom
-    cfg = dict(steps=3, batch_size=2, crop=32)
+    cfg = {"steps": 3, "batch_size": 2, "crop": 32}
     a = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=1, **cfg))
     b = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=1, **cfg))
     c = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(seed=2, **cfg))
@@ -116,7 +116,7 @@ def test_bad_inputs_fail_before_training():
     with pytest.raises(InputError, match="no annotated"):
         semiseg.train(np.zeros((3, 16, 16)), np.zeros((3, 16, 16), np.uint8))
     with pytest.raises(KeyError, match="unknown method"):
-        semiseg.train(np.random.rand(3, 16, 16), np.ones((3, 16, 16), np.uint8), method="nope")
+        semiseg.train(np.random.default_rng(0).random((3, 16, 16)), np.ones((3, 16, 16), np.uint8), method="nope")
     with pytest.raises(InputError, match="steps"):
         TrainConfig(steps=0)
 

@@ -122,8 +122,6 @@ def test_loading_foreign_files_is_clear(tmp_path):
 
 
 def test_pickle_payload_is_refused(tmp_path):
-    import pickle
-
     marker = tmp_path / "pwned"
 
     class Payload:

@@ -13,7 +13,7 @@ True
 __version__ = "0.1.0"
 
 from .data import DISEASED, HEALTHY, UNKNOWN, InputError, Normaliser, make_pools, read_weak_csv
-from .engine import Progress, TrainConfig, TrainingError, iter_train, run, train
+from .engine import PredictionError, Progress, TrainConfig, TrainingError, iter_train, run, train
 from .inference import iter_predict_volume, predict_volume, sample_tumours
 from .io import read_volume, write_volume
 from .methods import get_method, list_methods
@@ -29,6 +29,7 @@ __all__ = [
     "Model",
     "ModelFileError",
     "Normaliser",
+    "PredictionError",
     "Progress",
     "TrainConfig",
     "TrainingError",

@@ -6,6 +6,7 @@ Bad input exits with code 2 and one line on stderr, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="method hyperparameter, repeatable (see `semiseg methods --params`)",
     )
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--compile", action="store_true", help="compile the networks with torch.compile (GPU runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels")
     p.add_argument("-o", "--output", required=True, metavar="MODEL")
     p.add_argument("--continue-from", metavar="MODEL", help="continue training this model")
+    p.add_argument("--runs-dir", metavar="DIR", help="where to keep each run's model (default MODEL.runs)")
+    p.add_argument("--no-runs", action="store_true", help="do not keep a snapshot of this run")
     _add_train_options(p)
 
     p = sub.add_parser("predict", help="predict a mask with a trained model")
@@ -70,11 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="dask scheduler for chunked zarr prediction: a dask.distributed address "
+        "(tcp://HOST:8786), 'threads' (default) or 'synchronous'",
+    )
 
     p = sub.add_parser("evaluate", help="per-class Dice of a prediction against the truth")
     p.add_argument("pred")
     p.add_argument("truth")
     p.add_argument("--ignore-slices-of", metavar="LABELS", help="leave out slices annotated here")
+
+    p = sub.add_parser("runs", help="list the stored training runs of a model")
+    p.add_argument("model")
+    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default MODEL.runs)")
+
+    p = sub.add_parser("rollback", help="restore a stored run onto the model file")
+    p.add_argument("model")
+    p.add_argument("run_id", help="run id, a unique prefix, 'latest' or -N (N-th last)")
+    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default MODEL.runs)")
+
+    p = sub.add_parser("suggest", help="which unannotated slices to label next, best first")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("labels")
+    p.add_argument("-n", type=int, default=3, help="number of suggestions (default 3)")
+    p.add_argument("--weak", metavar="WEAK.csv", help="weak tags; slices tagged healthy count as annotated")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (flips/rotations, 8x slower)")
+    p.add_argument("--spacing", type=float, default=2.0, help="diversity length scale in slices (0: off)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
 
     p = sub.add_parser("methods", help="list the training methods")
     p.add_argument("--params", action="store_true", help="also list each method's hyperparameters")
@@ -128,7 +157,10 @@ def _parse_params(items: list[str]) -> dict:
 def _progress_bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 shows progress
+    return tqdm(
+        total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, disable=quiet
+    )
 
 
 def _train(image, labels, tags, args, model=None):
@@ -140,7 +172,7 @@ def _train(image, labels, tags, args, model=None):
     params = _parse_params(args.param)
     config = TrainConfig(
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-        crop=args.crop, seed=args.seed, axis=args.axis,
+        crop=args.crop, seed=args.seed, axis=args.axis, compile=args.compile,
     )
     gen = iter_train(
         image, labels, tags=tags, method=args.method, params=params or None, config=config,
@@ -167,6 +199,7 @@ def _predict(model, image, *, batch_size, outputs=(), probabilities=False):
     gen = iter_predict_volume(
         model, image, batch_size=batch_size, outputs=outputs, probabilities=probabilities
     )
+    next(gen)  # input validation happens before the first record: no bar for bad input
     with _progress_bar(n, "predict") as bar:
         return run(gen, lambda p: (setattr(bar, "n", p.step), bar.refresh()))
 
@@ -182,7 +215,7 @@ def _load_tags(path, labels, axis):
 # ----------------------------------------------------------------------------- verbs
 def cmd_sample(args) -> int:
     from .data import write_weak_csv
-    from .io import write_volume
+    from .io import write_volumes
     from .synthetic import make_sample
 
     out = Path(args.out_dir)
@@ -193,9 +226,7 @@ def cmd_sample(args) -> int:
     _check_folder(out)
     s = make_sample(args.kind, seed=args.seed, labelled=args.labelled)
     out.mkdir(exist_ok=True)
-    write_volume(out / "image.tif", s.image)
-    write_volume(out / "labels.tif", s.labels)
-    write_volume(out / "truth.tif", s.truth)
+    write_volumes([(out / "image.tif", s.image), (out / "labels.tif", s.labels), (out / "truth.tif", s.truth)])
     write_weak_csv(out / "weak.csv", s.tags)
     print(f"wrote {args.kind} sample {s.image.shape} with {len(s.annotated)} annotated slices to {out}")
     return 0
@@ -203,18 +234,61 @@ def cmd_sample(args) -> int:
 
 def cmd_train(args) -> int:
     from .model import Model
+    from .runs import default_runs_dir, save_run
 
     out = Path(args.output)
     _check_folder(out)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(out)
+    if not args.no_runs:
+        _check_folder(runs_dir / "run.pt" if runs_dir.is_dir() else runs_dir)
     image = _read(args.image, "image", lazy=True)
     labels = _read(args.labels, "labels")
     tags = _load_tags(args.weak, labels, args.axis)
-    model = Model.load(args.continue_from, device=_device(args.device)) if args.continue_from else None
-    model = _train(image, labels, tags, args, model=model)
+    from . import distributed
+
+    distributed.init_from_env(args.device)  # joins torchrun's process group, if any
+    rank = distributed.rank()
+    try:
+        model = Model.load(args.continue_from, device=_device(args.device)) if args.continue_from else None
+        model = _train(image, labels, tags, args, model=model)
+    finally:
+        if distributed.is_active():
+            distributed.cleanup()
+    if rank != 0:
+        return 0  # rank 0 alone writes files and prints
+    model.history[-1]["inputs"] = {
+        k: str(Path(v).resolve()) for k, v in (("image", args.image), ("labels", args.labels), ("weak", args.weak)) if v
+    }
     model.save(out)
+    kept = "" if args.no_runs else f"; run {save_run(model, out, runs_dir, copy_of=out).run_id} kept in {runs_dir}"
     h = model.history[-1]
     losses = ", ".join(f"{k} {v:.4f}" for k, v in h["losses"].items())
-    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s ({losses}); saved {out}")
+    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s ({losses}); saved {out}{kept}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import current_run, default_runs_dir, list_runs
+
+    folder = Path(args.runs_dir) if args.runs_dir else default_runs_dir(args.model)
+    runs = list_runs(args.model, folder)
+    if not runs:
+        print(f"no runs stored for {args.model} (looked in {folder})")
+        return 0
+    cur = current_run(args.model, folder)
+    for r in runs:
+        mark = "*" if cur is not None and r.run_id == cur.run_id else " "
+        print(f"{mark} {r.describe()}")
+    if cur is not None:
+        print(f"* = the run {args.model} holds now")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from .runs import rollback
+
+    run = rollback(args.model, args.run_id, args.runs_dir)
+    print(f"restored run {run.run_id} ({run.method}, {run.steps} steps) onto {args.model}")
     return 0
 
 
@@ -226,7 +300,7 @@ def _device(name):
 
 def cmd_predict(args) -> int:
     from .inference import sample_tumours
-    from .io import write_volume
+    from .io import write_volumes
     from .model import Model
 
     mask_path = _check_output(args.output)
@@ -243,6 +317,8 @@ def cmd_predict(args) -> int:
     if args.n_samples < 1:
         raise CLIError("--n-samples must be >= 1")
     image = _read(args.image, "image", lazy=True)
+    if _chunked(args, image, outputs):
+        return _predict_chunked(model, image, args, extra, outputs)
     res = _predict(model, image, batch_size=args.batch_size, outputs=outputs, probabilities=bool(args.prob))
     if args.tumours:
         from .data import as_channels
@@ -250,16 +326,60 @@ def cmd_predict(args) -> int:
         n = as_channels(image).shape[model.axis + 1]
         samples = [sample_tumours(model, image, i, args.n_samples, seed=args.seed + i) for i in range(n)]
         tumours = np.stack(samples, axis=1 + model.axis)
-    write_volume(mask_path, res["mask"])
-    written = [str(mask_path)]
+    items = [(mask_path, res["mask"])]
     if args.prob:
-        written.append(str(write_volume(args.prob, res["probabilities"])))
-    for k in outputs:
-        written.append(str(write_volume(extra[k], res[k])))
+        items.append((args.prob, res["probabilities"]))
+    items += [(extra[k], res[k]) for k in outputs]
     if args.tumours:
-        written.append(str(write_volume(args.tumours, tumours)))
+        items.append((args.tumours, tumours))
+    written = [str(p) for p in write_volumes(items)]  # all or nothing
     fg = float((res["mask"] > 0).mean())
     print(f"wrote {', '.join(written)} (foreground {100 * fg:.2f} % of voxels)")
+    return 0
+
+
+def _chunked(args, image, outputs) -> bool:
+    """Whether to predict slab by slab into zarr (lazy input or a scheduler, zarr outputs)."""
+    from .io import _suffix
+    from .lazy import is_lazy
+
+    paths = [args.output, args.prob, *(getattr(args, k) for k in outputs)]
+    all_zarr = all(_suffix(Path(p)) == ".zarr" for p in paths if p)
+    if args.scheduler and not all_zarr:
+        raise CLIError("--scheduler writes zarr: give .zarr paths for the mask and every output")
+    return all_zarr and (bool(args.scheduler) or is_lazy(image))
+
+
+def _predict_chunked(model, image, args, extra, outputs) -> int:
+    from .lazy import predict_to_zarr
+
+    paths = {"mask": args.output, "probabilities": args.prob, **{k: extra[k] for k in outputs}}
+    n = image.shape[len(image.shape) - 3 + model.axis]
+    with _progress_bar(n, "predict") as bar:
+
+        def update(done, total):
+            bar.n = min(n, done * args.batch_size)
+            bar.refresh()
+
+        written = predict_to_zarr(
+            model, image, paths, batch_size=args.batch_size, scheduler=args.scheduler,
+            device=args.device, progress=update,
+        )
+    names = [str(p) for p in written.values()]
+    if args.tumours:
+        from .data import as_channels
+        from .inference import sample_tumours
+        from .io import write_volume
+
+        c = as_channels(image).shape[model.axis + 1]
+        samples = [sample_tumours(model, image, i, args.n_samples, seed=args.seed + i) for i in range(c)]
+        names.append(str(write_volume(args.tumours, np.stack(samples, axis=1 + model.axis))))
+    import dask.array as da
+
+    from .io import open_zarr_array
+
+    fg = float((da.from_zarr(open_zarr_array(written["mask"])) > 0).mean().compute(scheduler="threads"))
+    print(f"wrote {', '.join(names)} slab by slab (foreground {100 * fg:.2f} % of voxels)")
     return 0
 
 
@@ -305,7 +425,7 @@ def cmd_methods(args) -> int:
 
 def cmd_demo(args) -> int:
     from .data import write_weak_csv
-    from .io import write_volume
+    from .io import write_volumes
     from .metrics import dice_per_class
     from .synthetic import make_sample
 
@@ -322,11 +442,11 @@ def cmd_demo(args) -> int:
         print(f"sample: {args.kind} {s.image.shape}, {len(s.annotated)} annotated slices {s.annotated.tolist()}")
         model = _train(s.image, s.labels, s.tags, args)
         res = _predict(model, s.image, batch_size=8)
-        write_volume(out / "image.tif", s.image)
-        write_volume(out / "labels.tif", s.labels)
-        write_volume(out / "truth.tif", s.truth)
+        write_volumes(
+            [(out / n, a) for n, a in (("image.tif", s.image), ("labels.tif", s.labels),
+                                       ("truth.tif", s.truth), ("mask.tif", res["mask"]))]
+        )
         write_weak_csv(out / "weak.csv", s.tags)
-        write_volume(out / "mask.tif", res["mask"])
         model.save(out / "model.pt")
         scores = dice_per_class(res["mask"], s.truth, classes=[1], exclude_slices=s.annotated)
         h = model.history[-1]
@@ -339,20 +459,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_suggest(args) -> int:
+    from .data import as_channels, validate_labels
+    from .engine import run
+    from .model import Model
+    from .suggest import format_suggestions, iter_uncertainty, suggest_slices
+
+    if args.n < 1:
+        raise CLIError("-n must be >= 1")
+    if args.batch_size < 1 or args.spacing < 0:
+        raise CLIError("--batch-size must be >= 1 and --spacing >= 0")
+    model = Model.load(args.model, device=_device(args.device))
+    image = _read(args.image, "image", lazy=True)
+    labels = validate_labels(_read(args.labels, "labels"), tuple(as_channels(image).shape[1:]))
+    tags = _load_tags(args.weak, labels, model.axis)
+    gen = iter_uncertainty(model, image, tta=args.tta, batch_size=args.batch_size)
+    first = next(gen)
+    with _progress_bar(first.total, "uncertainty") as bar:
+        result = run(gen, lambda p: (setattr(bar, "n", p.step), bar.refresh()))
+    found = suggest_slices(model, None, labels, n=args.n, tags=tags, spacing=args.spacing, result=result)
+    if not found:
+        print("every slice is annotated: nothing to suggest", file=sys.stderr)
+        return 0
+    print(format_suggestions(found))
+    return 0
+
+
 COMMANDS = {
+    "suggest": cmd_suggest,
     "sample": cmd_sample,
     "train": cmd_train,
     "predict": cmd_predict,
     "evaluate": cmd_evaluate,
     "methods": cmd_methods,
     "demo": cmd_demo,
+    "runs": cmd_runs,
+    "rollback": cmd_rollback,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 training fault, 2 bad input)."""
     from .data import InputError
-    from .engine import TrainingError
+    from .engine import PredictionError, TrainingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -367,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"semiseg {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
-        print(f"semiseg {args.verb}: training failed: {exc}", file=sys.stderr)
+        what = "prediction" if isinstance(exc, PredictionError) else "training"
+        print(f"semiseg {args.verb}: {what} failed: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"semiseg {args.verb}: out of memory (try a smaller image or batch size)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"semiseg {args.verb}: interrupted", file=sys.stderr)

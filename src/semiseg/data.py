@@ -12,6 +12,7 @@ with a nonzero label counts as diseased unless tagged otherwise.
 from __future__ import annotations
 
 import csv
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def as_channels(image, *, channel_axis: int | None = None):
             "give a (Z, Y, X) volume or (C, Z, Y, X) channels"
         )
     if len(shape) == 3:
+        if not isinstance(image, np.ndarray) and not hasattr(image, "dask"):
+            # zarr and other lazy arrays lack newaxis indexing: view them through dask.
+            import dask.array as da
+
+            image = da.from_array(image, chunks=getattr(image, "chunks", "auto"))
         return image[None]
     if len(shape) == 4:
         if channel_axis is not None and channel_axis not in (0, -4):
@@ -160,12 +166,15 @@ def write_weak_csv(path: str | Path, tags: np.ndarray) -> Path:
     from .io import atomic_path
 
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slice", "diseased"])
-        for i, t in enumerate(np.asarray(tags)):
-            if t != UNKNOWN:
-                writer.writerow([i, int(t)])
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["slice", "diseased"])
+            for i, t in enumerate(np.asarray(tags)):
+                if t != UNKNOWN:
+                    writer.writerow([i, int(t)])
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -195,6 +204,7 @@ class SlicePools:
     """Indices of slices (along the slicing axis) in each training pool."""
 
     annotated: np.ndarray
+    painted: np.ndarray
     unlabelled: np.ndarray
     healthy: np.ndarray
     diseased: np.ndarray
@@ -241,6 +251,7 @@ def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
     diseased = (tags == DISEASED) | (painted & (tags == UNKNOWN))
     return SlicePools(
         annotated=np.flatnonzero(annotated),
+        painted=np.flatnonzero(painted),
         unlabelled=np.flatnonzero(~annotated),
         healthy=np.flatnonzero(tags == HEALTHY),
         diseased=np.flatnonzero(diseased),
@@ -278,7 +289,11 @@ class Normaliser:
         """
         n = image.shape[axis]
         idx = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(int))
-        sub = np.asarray(np.take(image, idx, axis=axis), dtype=np.float64)
+        if isinstance(image, np.ndarray) or hasattr(image, "dask"):
+            sub = np.asarray(np.take(image, idx, axis=axis), dtype=np.float64)
+        else:  # zarr & co: np.take would load the whole array; read the slices one by one
+            pre = (slice(None),) * axis
+            sub = np.stack([np.asarray(image[(*pre, int(i))], dtype=np.float64) for i in idx], axis=axis)
         if not np.all(np.isfinite(sub)):
             raise InputError("image contains NaN or Inf values")
         flat = sub.reshape(sub.shape[0], -1)
@@ -371,7 +386,11 @@ class SliceSampler:
     augment : bool
         Random flips, 90 degree rotations and mild intensity jitter.
     cache : bool
-        Keep normalised slices in memory after their first read (fast for volumes that fit).
+        Keep normalised slices in memory after their first read, least recently used first
+        out when the cache exceeds ``cache_bytes``.
+    cache_bytes : int
+        Memory budget of the slice cache (default 1 GiB), so volumes bigger than memory can be
+        sampled lazily from zarr/dask.
     foreground_fraction : float
         Share of labelled crops centred near a labelled pixel.
     """
@@ -387,6 +406,7 @@ class SliceSampler:
         crop: int = 96,
         augment: bool = True,
         cache: bool = True,
+        cache_bytes: int = 2**30,
         foreground_fraction: float = 0.33,
     ):
         self.image = image
@@ -397,17 +417,23 @@ class SliceSampler:
         self.crop = int(crop)
         self.augment = augment
         self.foreground_fraction = float(foreground_fraction)
-        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._cache: OrderedDict[int, np.ndarray] | None = OrderedDict() if cache else None
+        self.cache_bytes = int(cache_bytes)
+        self._cached_bytes = 0
 
     def slice_image(self, i: int) -> np.ndarray:
         """Normalised ``(C, H, W)`` float32 slice ``i``."""
         if self._cache is not None and i in self._cache:
+            self._cache.move_to_end(i)
             return self._cache[i]
         idx = [slice(None)] * 4
         idx[self.axis + 1] = i
         out = self.normaliser(np.asarray(self.image[tuple(idx)]))
-        if self._cache is not None:
+        if self._cache is not None and out.nbytes <= self.cache_bytes:
             self._cache[i] = out
+            self._cached_bytes += out.nbytes
+            while self._cached_bytes > self.cache_bytes:
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return out
 
     def slice_labels(self, i: int) -> np.ndarray:
@@ -452,6 +478,9 @@ class SliceSampler:
     def draw(self, rng: np.random.Generator, pool: np.ndarray, n: int, with_labels: bool):
         """Draw ``n`` crops from ``pool`` (with replacement); returns arrays."""
         picks = rng.choice(pool, size=n, replace=True)
+        c, size = self.image.shape[0], (self.crop, self.crop)
+        if n == 0:
+            return picks, np.zeros((0, c, *size), np.float32), np.zeros((0, *size), np.int64)
         imgs, labs = [], []
         for i in picks:
             lab = self.slice_labels(int(i)) if with_labels else None
@@ -471,7 +500,13 @@ class SliceSampler:
         out: dict[str, np.ndarray] = {}
         p = self.pools
         if n := needs.get("labelled", 0):
-            _, out["labelled"], out["mask"] = self.draw(rng, p.annotated, n, True)
+            # Healthy-tagged slices are free background annotations and can outnumber painted
+            # ones many times over: draw at least half of the crops from painted slices.
+            n_painted = (n + 1) // 2 if len(p.painted) and len(p.annotated) > len(p.painted) else 0
+            _, img_a, lab_a = self.draw(rng, p.painted, n_painted, True)
+            _, img_b, lab_b = self.draw(rng, p.annotated, n - n_painted, True)
+            out["labelled"] = np.concatenate([img_a, img_b])
+            out["mask"] = np.concatenate([lab_a, lab_b])
         if n := needs.get("unlabelled", 0):
             pool = p.unlabelled if len(p.unlabelled) else np.arange(self.image.shape[self.axis + 1])
             _, out["unlabelled"], _ = self.draw(rng, pool, n, False)

@@ -22,6 +22,7 @@ from .methods import get_method
 from .model import Model
 
 __all__ = [
+    "PredictionError",
     "Progress",
     "TrainConfig",
     "TrainingError",
@@ -98,6 +99,13 @@ class TrainConfig:
     clock : {"wall", "process"}
         What ``minutes`` measures: wall-clock time, or this process's CPU time (fair budgets for
         benchmarks that share a machine).
+    compile : bool or str
+        Compile the networks with :func:`torch.compile` (``True``: the default ``inductor``
+        backend; a string names another backend). Off by default: compiling takes a while and
+        pays off on GPUs over long runs.
+    cache_mb : float
+        Memory budget of the normalised-slice cache (LRU), so volumes larger than memory can be
+        sampled lazily from zarr/dask.
     """
 
     steps: int = 300
@@ -109,6 +117,8 @@ class TrainConfig:
     preview_every: float = 2.0
     report_every: int = 1
     clock: str = "wall"
+    compile: bool | str = False
+    cache_mb: float = 1024.0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -121,6 +131,29 @@ class TrainConfig:
             raise InputError("axis must be 0, 1 or 2")
         if self.clock not in ("wall", "process"):
             raise InputError("clock must be 'wall' or 'process'")
+        if self.cache_mb < 0:
+            raise InputError("cache_mb must be >= 0")
+
+
+class PredictionError(TrainingError):
+    """Prediction stopped on a fault (out of memory even one slice at a time, non-finite
+    output, an error in the network); nothing was written."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports exhausted GPU or host memory."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    )
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened for one-line reports."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -143,7 +176,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch generators."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds third-party code that uses the legacy API
     torch.manual_seed(seed)
 
 
@@ -204,7 +237,12 @@ def iter_train(
     dev = resolve_device(device)
     seed_everything(config.seed)
     if model is None:
-        normaliser = Normaliser.fit(image)
+        try:
+            normaliser = Normaliser.fit(image)
+        except InputError:
+            raise
+        except Exception as exc:  # corrupt chunks of lazy (zarr) images
+            raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
         method_cls = get_method(method)
         num_classes = max(2, pools.num_classes)
         net = method_cls(image.shape[0], num_classes, params=params, device=dev, amp=amp)
@@ -221,34 +259,69 @@ def iter_train(
         if model.axis != config.axis:
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
     method_obj = model.method
-    sampler = SliceSampler(image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop)
-    rng = np.random.default_rng(config.seed)
+    if config.compile:
+        _compile_nets(method_obj, config.compile)
+    from . import distributed
+
+    multi = distributed.is_active()
+    if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
+        distributed.broadcast_parameters(method_obj)
+        method_obj.grad_sync = distributed.all_reduce_gradients
+        torch.manual_seed(distributed.rank_seed(config.seed))
+    sampler = SliceSampler(
+        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
+        cache_bytes=int(config.cache_mb * 2**20),
+    )
+    rng = np.random.default_rng(distributed.rank_seed(config.seed))
     needs = method_obj.batch_needs(config.batch_size)
     start = time.perf_counter()
     clock = time.perf_counter if config.clock == "wall" else time.process_time
     deadline = clock() + 60 * config.minutes if config.minutes else math.inf
     smoothed: dict[str, float] = {}
     last_preview = -math.inf
-    good_state = copy.deepcopy(method_obj.state_dict())
+    good_state = _snapshot(method_obj.state_dict())
     step = 0
     yield Progress(0, config.steps, {}, 0.0)
     try:
-        while step < config.steps and clock() < deadline:
-            arrays = sampler.sample(rng, needs)
+        while step < config.steps and not (
+            distributed.any_true(clock() >= deadline) if multi and deadline < math.inf else clock() >= deadline
+        ):
+            try:
+                arrays = sampler.sample(rng, needs)
+            except InputError:
+                raise
+            except Exception as exc:  # corrupt chunks of lazy (zarr) images show up here
+                raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
             batch = {k: method_obj.to_tensor(v) for k, v in arrays.items()}
             try:
                 losses = method_obj.training_step(batch)
-            except torch.OutOfMemoryError:
+            except Exception as exc:
+                # Any fault in a step (a bug, out of memory, a driver error) leaves the model
+                # with its last good weights and surfaces as one TrainingError.
                 method_obj.load_state_dict(good_state)
+                if isinstance(exc, InputError):
+                    raise  # the method found the inputs unusable (e.g. no healthy slices)
+                if not is_out_of_memory(exc):
+                    raise TrainingError(
+                        f"training step {step + 1} failed: {type(exc).__name__}: {first_line(exc)}"
+                    ) from exc
+                del batch
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if multi:  # ranks must take the same steps: no per-rank batch halving
+                    raise TrainingError(
+                        f"out of memory on rank {distributed.rank()}; use a smaller --batch-size"
+                    ) from None
                 if needs and max(needs.values()) > 1:
                     needs = {k: max(1, v // 2) for k, v in needs.items()}
                     import warnings
 
                     warnings.warn(f"out of memory: batch halved to {needs}", stacklevel=1)
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
                     continue
-                raise TrainingError("out of memory even with batch size 1") from None
+                raise TrainingError(
+                    f"out of memory even with batch size 1 (crop {config.crop}); "
+                    "use a smaller --crop or smaller features"
+                ) from None
             if not all(math.isfinite(v) for v in losses.values()):
                 method_obj.load_state_dict(good_state)
                 bad = ", ".join(k for k, v in losses.items() if not math.isfinite(v))
@@ -257,8 +330,10 @@ def iter_train(
             method_obj.step += 1
             for k, v in losses.items():
                 smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
+            if multi:
+                distributed.broadcast_buffers(method_obj)
             if step % 50 == 0:
-                good_state = copy.deepcopy(method_obj.state_dict())
+                good_state = _snapshot(method_obj.state_dict())
             now = time.perf_counter()
             preview = idx = None
             if preview_index is not None and now - last_preview >= config.preview_every:
@@ -269,6 +344,10 @@ def iter_train(
             if preview is not None or step % config.report_every == 0 or step == config.steps:
                 yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
     finally:
+        method_obj.grad_sync = None
+        good_state = None
+        if dev.type == "cuda":  # hand cached activations back to the driver
+            torch.cuda.empty_cache()
         model.history.append(
             {
                 "method": method_obj.name,
@@ -283,6 +362,25 @@ def iter_train(
             }
         )
     return model
+
+
+def _snapshot(state):
+    """A copy of a state dict with every tensor on the CPU (keeps GPU memory for training)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _snapshot(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_snapshot(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _compile_nets(method, backend: bool | str) -> None:
+    """Compile every network of ``method`` in place (state-dict keys are unchanged)."""
+    kwargs = {} if backend is True else {"backend": str(backend)}
+    for net in method.nets.values():
+        if not getattr(net, "_compiled_call_impl", None):
+            net.compile(**kwargs)
 
 
 def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from .data import InputError, as_channels
-from .engine import Progress, run
+from .engine import PredictionError, Progress, first_line, is_out_of_memory, run
 from .methods.base import Method
 from .model import Model
 
@@ -58,10 +58,43 @@ def predict_normalised_slices(
     res = method.predict(t)
     crop = (slice(None), slice(None), slice(pt, pt + h), slice(pl, pl + w))
     probs = res["probabilities"][crop].float()
-    out = {"probabilities": probs.cpu().numpy(), "mask": probs.argmax(1).cpu().numpy()}
+    out = {"probabilities": probs.cpu().numpy(), "mask": _argmax_classes(probs).cpu().numpy()}
     for name in outputs:
         out[name] = res[name][crop].float().cpu().numpy()
     return out
+
+
+def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(1)`` (first maximum wins) without torch's slow strided CPU reduction
+    over the class axis (about 10x faster on CPU for (B, K, H, W) inputs)."""
+    best = probs[:, 0]
+    idx = torch.zeros(best.shape, dtype=torch.int64, device=probs.device)
+    for k in range(1, probs.shape[1]):
+        better = probs[:, k] > best
+        idx[better] = k
+        best = torch.maximum(best, probs[:, k])
+    return idx
+
+
+def check_prediction_inputs(model: Model, image, outputs: Sequence[str], batch_size: int):
+    """Validate prediction arguments; return ``(image as (C, Z, Y, X), was_3d)``.
+
+    Raises
+    ------
+    InputError
+        On a channel mismatch, an output the method does not offer or a bad batch size.
+    """
+    squeeze = len(image.shape) == 3
+    image = as_channels(image)
+    if image.shape[0] != model.in_channels:
+        raise InputError(f"model expects {model.in_channels} channel(s), the image has {image.shape[0]}")
+    offered = model.method.outputs
+    unknown = [o for o in outputs if o not in offered]
+    if unknown:
+        raise InputError(f"method {model.method.name!r} has no output(s) {unknown}; it offers {list(offered)}")
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+    return image, squeeze
 
 
 def iter_predict_volume(
@@ -100,18 +133,13 @@ def iter_predict_volume(
     Raises
     ------
     InputError
-        On a channel mismatch or an output the method does not offer.
+        On a channel mismatch, an output the method does not offer or an unreadable image.
+    PredictionError
+        When the network fails, yields non-finite values or runs out of memory even one slice
+        at a time (batches are halved on out-of-memory first).
     """
-    squeeze = len(image.shape) == 3
-    image = as_channels(image)
+    image, squeeze = check_prediction_inputs(model, image, outputs, batch_size)
     method = model.method
-    if image.shape[0] != model.in_channels:
-        raise InputError(f"model expects {model.in_channels} channel(s), the image has {image.shape[0]}")
-    unknown = [o for o in outputs if o not in method.outputs]
-    if unknown:
-        raise InputError(f"method {method.name!r} has no output(s) {unknown}; it offers {list(method.outputs)}")
-    if batch_size < 1:
-        raise InputError("batch_size must be at least 1")
     axis = model.axis
     spatial = tuple(image.shape[1:])
     n = spatial[axis]
@@ -127,13 +155,40 @@ def iter_predict_volume(
     hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="predict")
-    for s in range(0, n, batch_size):
+    s = 0
+    while s < n:
         e = min(n, s + batch_size)
         idx = [slice(None)] * 4
         idx[axis + 1] = slice(s, e)
-        raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+        try:
+            raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+        except MemoryError:
+            raise PredictionError(f"not enough memory to read slices {s}..{e - 1}") from None
+        except Exception as exc:  # corrupt chunks of lazy (zarr) images
+            raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
         x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
-        pred = predict_normalised_slices(method, model.normaliser(x, channel_axis=1), outputs)
+        try:
+            pred = predict_normalised_slices(method, model.normaliser(x, channel_axis=1), outputs)
+        except InputError:
+            raise
+        except Exception as exc:
+            del x, raw
+            if not is_out_of_memory(exc):
+                raise PredictionError(
+                    f"prediction failed at slices {s}..{e - 1}: {type(exc).__name__}: {first_line(exc)}"
+                ) from exc
+            if method.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch_size > 1:  # retry the same slices in smaller batches
+                batch_size = max(1, batch_size // 2)
+                continue
+            h, w = (d for i, d in enumerate(spatial) if i != axis)
+            raise PredictionError(
+                f"out of memory predicting one {h} x {w} slice on {method.device.type}; "
+                "use a model with smaller features, a device with more memory, or crop the image"
+            ) from None
+        if not np.isfinite(pred["probabilities"]).all():
+            raise PredictionError(f"the model produced non-finite values on slices {s}..{e - 1}")
         _put(res["mask"], axis, s, e, pred["mask"].astype(mask_dtype))
         if probabilities:
             _put(res["probabilities"], axis + 1, s, e, pred["probabilities"])
@@ -145,6 +200,7 @@ def iter_predict_volume(
                 y = (y + 1) * (hi - lo) / 2 + lo
             _put(res[name], axis + 1, s, e, y)
         yield Progress(e, n, {}, time.perf_counter() - start, phase="predict")
+        s = e
     if squeeze:
         for name in outputs:
             if isinstance(res[name], np.ndarray):

@@ -7,6 +7,7 @@ it into place, so an interrupted write leaves any previous file intact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -20,8 +21,10 @@ from .data import InputError
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "atomic_path",
+    "atomic_paths",
     "read_volume",
     "write_volume",
+    "write_volumes",
 ]
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".zarr", ".npy")
@@ -39,7 +42,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; move it onto ``path`` when the block succeeds.
 
     Works for files and for directories (zarr stores). On error the temporary is removed and
-    ``path`` is untouched.
+    ``path`` is untouched. Files are flushed to disk (``fsync``) before the rename, so a crash
+    or power loss leaves either the old or the new file, never a truncated one. Temporaries
+    left by a killed process (``.NAME.tmp-PID-*``) are removed on the next write of ``path``.
 
     Raises
     ------
@@ -52,27 +57,88 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise InputError(f"output folder does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output folder is not writable: {parent}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    _recover(path, parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp", dir=parent)
     os.close(fd)
     os.unlink(tmp_name)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():
+            _fsync(tmp)
         if path.is_dir() and not path.is_symlink():
             # Directories cannot be replaced atomically: swap via a second rename so the old
-            # store survives until the new one is complete.
+            # store survives until the new one is complete (``_recover`` undoes a half swap).
             old = parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync(parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several outputs at once: all are replaced, or none.
+
+    Every temporary is written before the first rename, so a failed write (full disk, bad
+    data) leaves every destination untouched.
+    """
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _recover(path: Path, parent: Path) -> None:
+    """Clean up after a writer of ``path`` that was killed: stale temporaries, half swaps."""
+    for stale in parent.glob(f".{glob.escape(path.name)}.*"):
+        rest = stale.name[len(path.name) + 2 :]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(stale, path)  # killed between the two renames of a folder swap
+        elif stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -104,7 +170,10 @@ def read_volume(path: str | Path, *, lazy: bool = False):
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            return tifffile.imread(path)
+            arr = tifffile.imread(path)
+            if arr.size == 0:  # tifffile logs and returns an empty array for broken files
+                raise InputError(f"cannot read {path}: no image data (corrupt or truncated TIFF)")
+            return arr
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix == ".zarr":
@@ -170,32 +239,62 @@ def write_volume(
         For unsupported suffixes, existing files when ``overwrite`` is False, unwritable folders
         or a full disk.
     """
-    path = Path(path)
-    suffix = _suffix(path)
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise InputError(f"unsupported output type {path.suffix!r} (use {', '.join(SUPPORTED_SUFFIXES)})")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists (pass overwrite to replace it)")
-    ndim = len(data.shape)
-    if axes is None:
-        axes = {2: "YX", 3: "ZYX", 4: "CZYX"}.get(ndim, "Q" * (ndim - 3) + "ZYX")
-    try:
-        with atomic_path(path) as tmp:
-            if suffix in (".tif", ".tiff"):
-                import tifffile
+    return write_volumes([(path, data)], axes=axes, chunks=chunks, overwrite=overwrite)[0]
 
-                arr = np.asarray(data)
-                if arr.dtype == np.bool_:
-                    arr = arr.astype(np.uint8)
-                tifffile.imwrite(tmp, arr, ome=True, metadata={"axes": axes}, photometric="minisblack")
-            elif suffix == ".npy":
-                with open(tmp, "wb") as fh:
-                    np.save(fh, np.asarray(data), allow_pickle=False)
-            else:
-                _write_zarr(tmp, data, chunks)
+
+def write_volumes(items, *, axes: str | None = None, chunks=None, overwrite: bool = True) -> list[Path]:
+    """Write several volumes all-or-nothing: ``items`` is a sequence of ``(path, data)``.
+
+    Every file is written to a temporary first; only when all succeeded are they renamed into
+    place, so a full disk or a bad array leaves every earlier file untouched. Arguments as in
+    :func:`write_volume` (``axes`` applies to every item; None picks by dimensionality).
+
+    Raises
+    ------
+    InputError
+        As :func:`write_volume`; no destination is changed then.
+    """
+    items = [(Path(p), d) for p, d in items]
+    for path, _ in items:
+        if _suffix(path) not in SUPPORTED_SUFFIXES:
+            raise InputError(
+                f"unsupported output type {path.suffix!r} (use {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists (pass overwrite to replace it)")
+    if len({p.resolve() for p, _ in items}) != len(items):
+        raise InputError("two outputs have the same path")
+    try:
+        with atomic_paths([p for p, _ in items]) as tmps:
+            for (path, data), tmp in zip(items, tmps):
+                _write_one(tmp, _suffix(path), data, axes, chunks)
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+        raise InputError(f"cannot write {_describe(items)}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise InputError(f"not enough memory to write {_describe(items)}") from None
+    return [p for p, _ in items]
+
+
+def _describe(items) -> str:
+    return ", ".join(str(p) for p, _ in items)
+
+
+def _write_one(tmp: Path, suffix: str, data, axes, chunks) -> None:
+    ndim = len(data.shape)
+    if axes is None or len(axes) != ndim:
+        axes = {2: "YX", 3: "ZYX", 4: "CZYX"}.get(ndim, "Q" * (ndim - 3) + "ZYX")
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        arr = np.asarray(data)
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        tifffile.imwrite(tmp, arr, ome=True, metadata={"axes": axes}, photometric="minisblack")
+    elif suffix == ".npy":
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(data), allow_pickle=False)
+    else:
+        _write_zarr(tmp, data, chunks)
 
 
 def _write_zarr(path: Path, data, chunks):

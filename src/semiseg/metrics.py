@@ -42,7 +42,7 @@ def dice_per_class(pred, truth, *, classes=None, exclude_slices=None) -> dict[in
     keep = slice_mask(pred.shape[0], exclude_slices)
     pred, truth = pred[keep], truth[keep]
     if classes is None:
-        classes = sorted(set(np.unique(pred).tolist()) | set(np.unique(truth).tolist()) - {0})
+        classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())) - {0})
     out = {}
     for c in classes:
         p, t = pred == c, truth == c

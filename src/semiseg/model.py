@@ -100,6 +100,9 @@ class Model:
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"no such model file: {path}")
+        if not zipfile.is_zipfile(path):
+            # Every file Model.save writes is a torch zip archive; anything else is not ours.
+            raise ModelFileError(f"{path} is not a napari-semiseg model file")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

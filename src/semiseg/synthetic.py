@@ -149,9 +149,10 @@ def make_phantom(
             c = oc + rng.uniform(-0.55, 0.55, 3) * orad * np.array([0.6, 1, 1])
             if sum(((ci - o) / r) ** 2 for ci, o, r in zip(c, oc, orad)) < 0.45:
                 break
-        r_px = rng.uniform(4, 13)
+        r_px = rng.uniform(4, 13) * min(1.0, min(shape[1:]) / 96)
         r = r_px * vox[1:].mean()
-        rz = r * rng.uniform(0.8, 1.3) * vox[0] / vox[1]
+        # Isotropic voxels, but a tumour spans at most a sixth of the slices so others stay healthy.
+        rz = min(r_px * rng.uniform(0.8, 1.3), max(1.0, shape[0] / 6)) * vox[0]
         d = np.sqrt(((zz - c[0]) / rz) ** 2 + ((yy - c[1]) / r) ** 2 + ((xx - c[2]) / r) ** 2)
         blob = d + _smooth_noise(rng, shape, 3, scale=0.18) < 1
         blob = ndi.binary_opening(blob, iterations=1)
@@ -244,7 +245,7 @@ def make_digits(
     dsz = big.shape[-1]
     if dsz >= size or crop > dsz:
         raise ValueError("digits and crops must be smaller than the canvas")
-    n_healthy = int(round(n_slices * healthy_fraction))
+    n_healthy = round(n_slices * healthy_fraction)
     healthy = np.zeros(n_slices, bool)
     healthy[rng.choice(n_slices, n_healthy, replace=False)] = True
     image = np.zeros((n_slices, size, size), np.float32)

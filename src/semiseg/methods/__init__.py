@@ -15,6 +15,14 @@ __all__ = ["Method", "MethodParams", "get_method", "list_methods", "register_met
 #: Built-in method modules, in the order the CLI and the widget list them.
 BUILTIN_MODULES = (
     "supervised",
+    "autoencoder",
+    "mean_teacher",
+    "entropy_min",
+    "mutual_info",
+    "translation",
+    "cyclegan",
+    "pyramid_gan",
+    "semantic_gan",
 )
 
 _loaded = False

@@ -38,11 +38,13 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def list_methods() -> list[str]:
-    """Names of every registered method, in registration order."""
-    from . import _load_builtin_methods
+    """Names of every registered method: built-ins in their listed order, then the others."""
+    from . import BUILTIN_MODULES, _load_builtin_methods
 
     _load_builtin_methods()
-    return list(_REGISTRY)
+    order = {f"{__package__}.{m}": i for i, m in enumerate(BUILTIN_MODULES)}
+    # Tests or users may import a method module before the registry: order does not follow.
+    return sorted(_REGISTRY, key=lambda n: order.get(_REGISTRY[n].__module__, len(order)))
 
 
 def get_method(name: str) -> type[Method]:
@@ -105,6 +107,9 @@ class Method(abc.ABC):
     can_sample: ClassVar[bool] = False
     #: Whether the method learns from weak healthy/diseased tags.
     uses_tags: ClassVar[bool] = False
+    #: Called with the optimiser between backward and step; the engine sets it to
+    #: :func:`semiseg.distributed.all_reduce_gradients` for multi-process training.
+    grad_sync: Any = None
 
     def __init__(
         self,
@@ -189,6 +194,8 @@ class Method(abc.ABC):
         """Zero the optimiser's gradients, back-propagate ``loss`` (scaled for fp16) and step."""
         opt.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward(retain_graph=retain_graph)
+        if self.grad_sync is not None:
+            self.grad_sync(opt)
         self._scaler.step(opt)
         self._scaler.update()
 
@@ -285,7 +292,7 @@ class Method(abc.ABC):
         """Method-specific state to save beside the networks (plain types and tensors)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore :meth:`extra_state`."""
 
     def release(self) -> None:

@@ -1,0 +1,215 @@
+"""Is the viewer fluid while the Train widget trains and predicts?
+
+A 5 ms QTimer "heartbeat" records the gaps between its ticks on napari's GUI thread: first with
+napari idle (baseline), then from pressing **Train** until the whole-volume prediction is shown,
+while the viewed slice changes every 100 ms (as when a user scrolls). A gap is the longest time
+the GUI could not react. Also reported: time from pressing Train to the first preview on the
+canvas, and how long Stop takes to end training.
+
+Run under a display, e.g. (software rendering)::
+
+    LIBGL_ALWAYS_SOFTWARE=1 xvfb-run -a -s "-screen 0 1280x1024x24" \\
+        python benchmarks/ui_responsiveness.py --backend both --out benchmarks/out/ui.json
+
+Targets (2 CPU cores, software rendering): p99 gap <= 33 ms, no gap over 250 ms, first
+preview <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _stats(gaps_ms):
+    g = np.asarray(gaps_ms, float)
+    if g.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(g.size),
+        "p50_ms": round(float(np.percentile(g, 50)), 2),
+        "p99_ms": round(float(np.percentile(g, 99)), 2),
+        "max_ms": round(float(g.max()), 2),
+        "over_250ms": int((g > 250).sum()),
+    }
+
+
+class Heartbeat:
+    def __init__(self, interval_ms=5):
+        from qtpy.QtCore import QTimer
+
+        self.ticks: list[float] = []
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
+
+    def start(self):
+        self.ticks = [time.perf_counter()]
+        self.timer.start()
+
+    def stop(self):
+        self.timer.stop()
+        return list(np.diff(self.ticks) * 1000)
+
+
+def _spin(app, seconds=None, until=None, scroll=None, timeout=600):
+    """Process events until ``seconds`` pass or ``until()`` holds; scroll slices meanwhile."""
+    t0 = time.perf_counter()
+    last_scroll = t0
+    while True:
+        app.processEvents()
+        now = time.perf_counter()
+        if scroll is not None and now - last_scroll >= 0.1:
+            scroll()
+            last_scroll = now
+        if seconds is not None and now - t0 >= seconds:
+            return
+        if until is not None and until():
+            return
+        if now - t0 > timeout:
+            raise TimeoutError("benchmark step timed out")
+        time.sleep(0.001)
+
+
+def run_backend(backend: str, args) -> dict:
+    import torch
+    from qtpy.QtWidgets import QApplication
+
+    import napari
+    from semiseg.napari._sample import phantom_sample
+    from semiseg.napari._train import TrainWidget
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    viewer = napari.Viewer(show=True)
+    for data, meta, kind in phantom_sample():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    w = TrainWidget(viewer, backend=backend, prewarm=True)
+    viewer.window.add_dock_widget(w, name="Train")
+    w.steps_spin.setValue(args.steps)
+    if args.features:
+        w.params.set_value("features", tuple(int(f) for f in args.features.split(",")))
+    if w.pool is not None:
+        w.pool.nice = args.nice
+    w.minutes_spin.setValue(args.minutes)
+    app = QApplication.instance()
+    n = viewer.layers["phantom"].data.shape[0]
+    state = {"z": 0}
+
+    def scroll():
+        state["z"] = (state["z"] + 1) % n
+        viewer.dims.set_point(0, state["z"])
+
+    if not args.scroll:
+        scroll = None
+
+    def settle():  # the embedded suggestion list computes after each run
+        sugg = getattr(w, "suggestions", None)
+        if sugg is not None and hasattr(sugg, "busy"):
+            _spin(app, until=lambda: not sugg.busy)
+
+    if w.pool is not None:  # the spare worker process imports torch before we measure
+        ready = w.pool.wait_ready(timeout=300)
+        print(f"[{backend}] spare worker ready: {ready}", flush=True)
+    _spin(app, seconds=1.0)
+    hb = Heartbeat()
+    load0 = os.getloadavg()
+    hb.start()
+    _spin(app, seconds=args.idle, scroll=scroll)
+    idle = hb.stop()
+
+    hb.start()
+    t0 = time.perf_counter()
+    w.train_button.click()
+    phases = {}
+    _spin(app, until=lambda: w.phase == "predict" or w.worker is None, scroll=scroll)
+    phases["train_s"] = time.perf_counter() - t0
+    train_gaps = hb.stop()
+    hb.start()
+    t1 = time.perf_counter()
+    _spin(app, until=lambda: w.worker is None, scroll=scroll)
+    phases["predict_s"] = time.perf_counter() - t1
+    predict_gaps = hb.stop()
+    settle()
+    first_preview = w.first_preview_after
+    error = repr(w.last_error) if w.last_error else None
+    steps = w.model.history[-1]["steps"] if w.model is not None else 0
+
+    # Stop latency: a long run, Stop after a few seconds of training.
+    w.minutes_spin.setValue(0)
+    w.steps_spin.setValue(1_000_000)
+    if w.pool is not None:
+        _spin(app, seconds=1.5)
+        w.pool.wait_ready(timeout=300)
+    w.train_button.click()
+    _spin(app, until=lambda: w.phase == "train" and w.progress.value() >= 2, scroll=scroll)
+    ts = time.perf_counter()
+    w.stop_button.click()
+    _spin(app, until=lambda: w.phase != "train", timeout=120)
+    stop_latency = time.perf_counter() - ts
+    _spin(app, until=lambda: w.worker is None)
+    settle()
+    load1 = os.getloadavg()
+    w.shutdown()
+    viewer.close()
+    return {
+        "backend": backend,
+        "steps_trained": steps,
+        "error": error,
+        "idle": _stats(idle),
+        "train": _stats(train_gaps),
+        "predict": _stats(predict_gaps),
+        "train_and_predict": _stats(train_gaps + predict_gaps),
+        "first_preview_s": None if first_preview is None else round(first_preview, 2),
+        "stop_latency_s": round(stop_latency, 3),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in load1],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=["process", "thread", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--minutes", type=float, default=0.5, help="training budget per run")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle baseline")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--features", default="", help="U-Net features, e.g. 16,32,64 (default: method's)")
+    ap.add_argument("--nice", type=int, default=10, help="niceness of the worker process")
+    ap.add_argument("--no-scroll", dest="scroll", action="store_false",
+                    help="do not change the viewed slice every 100 ms")
+    args = ap.parse_args(argv)
+    backends = ["process", "thread"] if args.backend == "both" else [args.backend]
+    results = {
+        "cpu_count": os.cpu_count(),
+        "platform": os.environ.get("QT_QPA_PLATFORM", "xcb"),
+        "software_gl": os.environ.get("LIBGL_ALWAYS_SOFTWARE"),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [],
+    }
+    for b in backends:
+        res = run_backend(b, args)
+        results["runs"].append(res)
+        print(json.dumps(res), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    print("| backend | phase | p50 ms | p99 ms | max ms | gaps > 250 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        for phase in ("idle", "train", "predict"):
+            s = r[phase]
+            print(f"| {r['backend']} | {phase} | {s.get('p50_ms')} | {s.get('p99_ms')} | {s.get('max_ms')} | {s.get('over_250ms')} |")
+    for r in results["runs"]:
+        print(f"{r['backend']}: first preview {r['first_preview_s']} s, stop {r['stop_latency_s']} s, "
+              f"steps {r['steps_trained']}, load {r['loadavg_before']} -> {r['loadavg_after']}, error {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

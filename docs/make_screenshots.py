@@ -1,0 +1,127 @@
+"""Screenshots for docs/user-guide.md from a real run of the plugin (PNG files in docs/img/).
+
+Run under a display, e.g.::
+
+    LIBGL_ALWAYS_SOFTWARE=1 xvfb-run -a -s "-screen 0 1600x1000x24" \\
+        python docs/make_screenshots.py --steps 150
+
+It opens the phantom sample, tags slices, trains ``supervised`` through the Train widget and
+shoots the prediction; then, when the ``translation`` method is registered, trains it and
+shoots its residual, healthy and sampled-tumour layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+IMG = Path(__file__).resolve().parent / "img"
+
+
+def _wait(app, until, timeout=1800):
+    t0 = time.perf_counter()
+    while not until():
+        app.processEvents()
+        time.sleep(0.01)
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def _train(app, w, method, steps, params=None, scratch=True):
+    w.method_combo.setCurrentText(method)
+    for k, v in (params or {}).items():
+        w.params.set_value(k, v)
+    w.steps_spin.setValue(steps)
+    w.continue_check.setChecked(not scratch)
+    w.train_button.click()
+    _wait(app, lambda: w.worker is None)
+    sugg = getattr(w, "suggestions", None)
+    if sugg is not None and hasattr(sugg, "busy"):
+        _wait(app, lambda: not sugg.busy)
+    if w.last_error is not None:
+        raise RuntimeError(w.last_error)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--translation-steps", type=int, default=150)
+    ap.add_argument("--backend", default="process")
+    args = ap.parse_args(argv)
+    from qtpy.QtWidgets import QApplication
+
+    import napari
+    from semiseg.methods import list_methods
+    from semiseg.napari._tags import TagWidget
+    from semiseg.napari._train import TrainWidget
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    viewer.open_sample("napari-semiseg", "phantom")
+    app = QApplication.instance()
+    tags = TagWidget(viewer)
+    viewer.window.add_dock_widget(tags, name="Weak tags", area="right")
+    w = TrainWidget(viewer, backend=args.backend)
+    viewer.window.add_dock_widget(w, name="Train", area="right")
+    w.crop_spin.setValue(64)
+    w.params.set_value("features", (16, 32, 64))
+    z = 24
+    viewer.dims.set_point(0, z)
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "open-sample.png"), canvas_only=False)
+
+    _train(app, w, "supervised", args.steps, {"features": (16, 32, 64)})
+    if "phantom uncertainty" in viewer.layers:  # from the embedded suggestion list
+        viewer.layers["phantom uncertainty"].visible = False
+    viewer.layers["phantom labels"].visible = False
+    viewer.layers.selection.active = viewer.layers["phantom prediction"]
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "prediction.png"), canvas_only=False)
+    viewer.layers["phantom probability"].visible = True
+    viewer.layers["phantom prediction"].visible = False
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "probability.png"), canvas_only=True)
+    viewer.layers["phantom probability"].visible = False
+    viewer.layers["phantom prediction"].visible = True
+    viewer.layers["phantom labels"].visible = True
+
+    if "translation" not in list_methods():
+        print("translation is not registered: residual/sample screenshots skipped")
+        return 0
+    _train(
+        app, w, "translation", args.translation_steps,
+        {"features": (16, 32, 64), "unique_channels": 16, "disc_features": (16, 32), "disc_scales": 2},
+    )
+    for name in ("prediction", "probability", "healthy", "uncertainty"):
+        if f"phantom {name}" in viewer.layers:
+            viewer.layers[f"phantom {name}"].visible = False
+    viewer.layers["phantom residual"].visible = True
+    viewer.layers.selection.active = viewer.layers["phantom residual"]
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "residual.png"), canvas_only=False)
+    viewer.layers["phantom residual"].visible = False
+    viewer.layers["phantom healthy"].visible = True
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "healthy.png"), canvas_only=True)
+    viewer.layers["phantom healthy"].visible = False
+    w.samples_spin.setValue(4)
+    w.sample_button.click()
+    _wait(app, lambda: w.worker is None)
+    for name in ("phantom", "phantom labels"):
+        viewer.layers[name].visible = False
+    viewer.dims.set_point(1, z)
+    viewer.grid.enabled = False
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / "sampled-tumours.png"), canvas_only=False)
+    w.shutdown()
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,423 @@
+"""Training + whole-volume prediction as one job, in a worker thread or a spawned process.
+
+No Qt here. A job is a generator of :class:`~semiseg.engine.Progress` (``phase="train"``, then
+``phase="predict"``) that returns a :class:`JobResult`; the Train widget wraps it with napari's
+``thread_worker``. Two backends drive the *same* generator, :func:`iter_job`:
+
+``"process"`` (default)
+    :func:`iter_job_process` hands the job to a spawned Python process (torch limited to
+    ``threads`` intra-op threads) and relays its Progress records from a queue. The GUI
+    process only waits on the queue, so training never holds napari's GIL, and the process
+    exit frees every byte of GPU memory. A spare process is pre-started (:class:`ProcessPool`)
+    so that pressing Train does not wait for ``import torch``. Models travel as model files
+    (:meth:`semiseg.Model.save`), outputs as a zarr group on disk.
+``"thread"``
+    :func:`iter_job` runs in the worker thread itself (used by scripts and as a fallback).
+
+Stopping: ``control.stop_training`` ends training at the next step (the engine re-reads
+``config.steps`` every step, so lowering it ends the loop cleanly and the generator returns
+the model trained so far), then the volume is still predicted; ``control.cancel`` also
+abandons prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import multiprocessing as mp
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import InputError
+from ..engine import Progress, TrainConfig, TrainingError, iter_train
+from ..inference import iter_predict_volume
+from ..model import Model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "JobControl",
+    "JobResult",
+    "ProcessPool",
+    "TrainJob",
+    "iter_job",
+    "iter_job_process",
+    "open_outputs",
+]
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """Everything one training + prediction run needs (picklable).
+
+    Attributes
+    ----------
+    image : (C, Z, Y, X) array-like
+        numpy, dask or zarr; read slice by slice.
+    labels : (Z, Y, X) int ndarray
+        A snapshot of the user's labels (the layer itself is never handed over).
+    tags : (Z,) int8 ndarray or None
+    method : str
+    params : dict
+        Method hyperparameters (strings are coerced by the method).
+    config : TrainConfig
+    device : str
+    train : bool
+        Train (False: only predict with the given model).
+    predict : bool
+        Predict the whole volume after training.
+    out_dir : str or None
+        Folder for a zarr group of outputs; None keeps outputs in memory (thread backend with a
+        numpy image).
+    """
+
+    image: Any
+    labels: np.ndarray
+    tags: np.ndarray | None = None
+    method: str = "supervised"
+    params: dict = dataclasses.field(default_factory=dict)
+    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    device: str = "auto"
+    train: bool = True
+    predict: bool = True
+    out_dir: str | None = None
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a finished job hands back.
+
+    Attributes
+    ----------
+    model : Model
+    outputs : dict or None
+        ``mask`` (Z, Y, X), ``probabilities`` (K, Z, Y, X) and each method output
+        (C, Z, Y, X); None when prediction was skipped or cancelled.
+    stopped : bool
+        Training was ended early by Stop.
+    device : str
+        Device used for training.
+    out_dir : str or None
+        Folder still backing lazy outputs (zarr), if any.
+    """
+
+    model: Model
+    outputs: dict | None
+    stopped: bool
+    device: str
+    out_dir: str | None = None
+
+
+class JobControl:
+    """Stop / cancel flags and the preview slice getter shared with a running job."""
+
+    def __init__(self, preview_index: Callable[[], int | None] | None = None):
+        self.stop_training = threading.Event()
+        self.cancel = threading.Event()
+        self.preview_index = preview_index
+
+
+# ----------------------------------------------------------------------------- the job
+def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> Generator[Progress, None, JobResult]:
+    """Train (continuing ``model`` when given), then predict the volume; yields Progress."""
+    config = copy.copy(job.config)
+    stopped = False
+    if not job.train:
+        if model is None:
+            raise InputError("predicting needs a model: train one or load a model file")
+    else:
+        model = yield from _train(job, control, model, config)
+        stopped = control.stop_training.is_set() or control.cancel.is_set()
+    device = str(model.method.device)
+    outputs = None
+    if job.predict and not control.cancel.is_set():
+        names = tuple(model.method.outputs)
+        out = _zarr_outputs(job.out_dir, model, tuple(job.image.shape), names) if job.out_dir else None
+        pgen = iter_predict_volume(model, job.image, outputs=names, out=out)
+        while True:
+            try:
+                p = next(pgen)
+            except StopIteration as stop:
+                outputs = stop.value
+                break
+            yield p
+            if control.cancel.is_set():
+                pgen.close()
+                outputs = None
+                break
+    if model.method.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return JobResult(model, outputs, stopped, device, job.out_dir)
+
+
+def _train(job: TrainJob, control: JobControl, model: Model | None, config: TrainConfig):
+    gen = iter_train(
+        job.image,
+        job.labels,
+        tags=job.tags,
+        method=job.method,
+        params=job.params or None,
+        config=config,
+        model=model,
+        device=job.device,
+        preview_index=control.preview_index,
+    )
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield p
+        if control.stop_training.is_set() or control.cancel.is_set():
+            # iter_train checks ``step < config.steps`` before every step: lowering it ends the
+            # loop cleanly and the generator returns the model trained so far.
+            config.steps = p.step
+
+
+def _zarr_outputs(out_dir: str, model: Model, image_shape: tuple, names: tuple) -> dict:
+    import zarr
+
+    if len(image_shape) == 3:
+        image_shape = (1, *image_shape)
+    spatial = image_shape[1:]
+    k = model.num_classes
+    root = zarr.open_group(str(Path(out_dir) / "outputs.zarr"), mode="w")
+    out = {
+        "mask": root.create_array(
+            "mask", shape=spatial, chunks=(1, *spatial[1:]), dtype=np.uint8 if k <= 256 else np.uint16
+        ),
+        "probabilities": root.create_array(
+            "probabilities", shape=(k, *spatial), chunks=(1, 1, *spatial[1:]), dtype=np.float32
+        ),
+    }
+    for name in names:
+        out[name] = root.create_array(name, shape=image_shape, chunks=(1, 1, *spatial[1:]), dtype=np.float32)
+    return out
+
+
+def open_outputs(out_dir: str, *, load: bool) -> dict:
+    """Open the outputs a job wrote under ``out_dir``: numpy (``load``) or lazy dask arrays."""
+    import zarr
+
+    root = zarr.open_group(str(Path(out_dir) / "outputs.zarr"), mode="r")
+    res = {}
+    for name in root.array_keys():
+        arr = root[name]
+        if load:
+            res[name] = np.asarray(arr[...])
+        else:
+            import dask.array as da
+
+            res[name] = da.from_zarr(arr)
+    return res
+
+
+# ----------------------------------------------------------------------------- process backend
+class _Handle:
+    """One spawned worker process with its queues and shared flags."""
+
+    def __init__(self, ctx, threads: int, nice: int = 0):
+        self.jobs = ctx.Queue()
+        self.msgs = ctx.Queue()
+        self.stop_training = ctx.Event()
+        self.cancel = ctx.Event()
+        self.preview = ctx.Value("i", -1, lock=False)
+        self.ready = False
+        self.proc = ctx.Process(
+            target=_serve,
+            args=(self.jobs, self.msgs, self.stop_training, self.cancel, self.preview, threads, nice),
+            daemon=True,
+            name="semiseg-train",
+        )
+        self.proc.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Ask the process to finish; terminate it if it has not ended after ``timeout``.
+
+        Does not block: a daemon timer does the waiting (a finished job's process exits by
+        itself; interpreter teardown can take a second or two on a busy machine).
+        """
+        self.cancel.set()
+        for q in (self.jobs, self.msgs):
+            q.cancel_join_thread()
+
+        def reap():
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout)
+
+        threading.Thread(target=reap, daemon=True, name="semiseg-reaper").start()
+
+
+class ProcessPool:
+    """Keeps at most one warm spare worker process (spawned, torch already imported).
+
+    Parameters
+    ----------
+    threads : int
+        torch intra-op threads in the worker; 1 leaves the other cores to the viewer.
+    nice : int
+        Niceness added to the worker (POSIX): on busy machines the viewer gets the CPU first.
+    """
+
+    def __init__(self, threads: int = 1, nice: int = 10):
+        self.threads = int(threads)
+        self.nice = int(nice)
+        self._ctx = mp.get_context("spawn")
+        self._spare: _Handle | None = None
+        self._lock = threading.Lock()
+
+    def prestart(self) -> None:
+        """Start a spare process now (it imports torch and waits for a job)."""
+        with self._lock:
+            if self._spare is None or not self._spare.proc.is_alive():
+                self._spare = _Handle(self._ctx, self.threads, self.nice)
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Block until the spare process has imported torch (for benchmarks and tests)."""
+        with self._lock:
+            h = self._spare
+        if h is None:
+            return False
+        if h.ready:
+            return True
+        try:
+            msg = h.msgs.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        h.ready = msg[0] == "ready"
+        return h.ready
+
+    def take(self) -> _Handle:
+        with self._lock:
+            h, self._spare = self._spare, None
+        if h is None or not h.proc.is_alive():
+            h = _Handle(self._ctx, self.threads, self.nice)
+        return h
+
+    def shutdown(self) -> None:
+        with self._lock:
+            h, self._spare = self._spare, None
+        if h is not None:
+            h.close(timeout=0.5)
+
+
+def iter_job_process(
+    job: TrainJob,
+    control: JobControl,
+    model: Model | None = None,
+    *,
+    pool: ProcessPool | None = None,
+    load_outputs: bool = True,
+) -> Generator[Progress, None, JobResult]:
+    """Run :func:`iter_job` in a spawned process; same records and result as the thread backend.
+
+    ``job.out_dir`` must be set (outputs and model files travel through it). Outputs come back
+    as numpy arrays (``load_outputs``) or as lazy dask arrays over the zarr group.
+    """
+    if not job.out_dir:
+        raise ValueError("the process backend needs job.out_dir")
+    out_dir = Path(job.out_dir)
+    model_in = str(model.save(out_dir / "model-in.pt")) if model is not None else None
+    h = (pool or ProcessPool()).take()
+    h.jobs.put((job, model_in))
+    try:
+        while True:
+            if control.preview_index is not None:
+                idx = control.preview_index()
+                h.preview.value = -1 if idx is None else int(idx)
+            if control.stop_training.is_set():
+                h.stop_training.set()
+            if control.cancel.is_set():
+                h.cancel.set()
+            try:
+                msg = h.msgs.get(timeout=0.05)
+            except queue.Empty:
+                if not h.proc.is_alive():
+                    raise TrainingError(
+                        f"the training process ended unexpectedly (exit code {h.proc.exitcode})"
+                    ) from None
+                continue
+            kind = msg[0]
+            if kind == "progress":
+                yield msg[1]
+            elif kind == "error":
+                _, name, text = msg
+                if name == "TrainingError":
+                    raise TrainingError(text)
+                if name in ("InputError", "ModelFileError", "ValueError", "KeyError"):
+                    raise InputError(text)
+                raise TrainingError(f"{name}: {text}")
+            elif kind == "done":
+                _, model_path, stopped, device, predicted = msg
+                t0 = time.perf_counter()
+                trained = Model.load(model_path, device="cpu")
+                log.debug("model loaded in %.2f s", time.perf_counter() - t0)
+                outputs = open_outputs(str(out_dir), load=load_outputs) if predicted else None
+                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir))
+    finally:
+        h.close()
+
+
+def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int = 0) -> None:
+    """Worker process main: import torch, say ready, run one job, report, exit."""
+    import os
+
+    if nice and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    import zarr  # noqa: F401  (imported before "ready" so the first job does not wait for it)
+
+    from ..engine import resolve_device, run
+    from ..methods import list_methods
+
+    list_methods()  # import every method module now, not at the first step
+    msgs.put(("ready",))
+    job, model_in = jobs.get()
+    model = None
+    try:
+        if model_in:
+            model = Model.load(model_in, device=resolve_device(job.device))
+        control = JobControl(lambda: None if preview.value < 0 else int(preview.value))
+        control.stop_training = stop_training
+        control.cancel = cancel
+        result = run(iter_job(job, control, model), lambda p: msgs.put(("progress", p)))
+        path = result.model.save(Path(job.out_dir) / "model.pt")
+        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None))
+    except BaseException as exc:  # reported to the viewer, never lost
+        msgs.put(("error", type(exc).__name__, str(exc) or repr(exc)))
+    finally:
+        model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        msgs.close()
+        msgs.join_thread()
+
+
+def new_out_dir(root: str | None = None) -> str:
+    """A fresh temporary folder for one job's files."""
+    return tempfile.mkdtemp(prefix="semiseg-job-", dir=root)
+
+
+def remove_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Train dock widget: training via the button, overlays, stop, accept/undo, model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semiseg.napari._train import TrainWidget
+
+
+def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
+    viewer = sample_viewer
+    labels = viewer.layers["phantom labels"]
+    before = labels_hash(labels)
+    w = make_train_widget(viewer)
+    viewer.dims.set_point(0, 3)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model is not None and w.model.history[-1]["steps"] == 3
+    pred = viewer.layers["phantom prediction"]
+    prob = viewer.layers["phantom probability"]
+    assert pred.data.shape == labels.data.shape
+    assert prob.data.shape == labels.data.shape
+    assert float(np.max(prob.data)) <= 1.0
+    # The preview of the viewed slice was shown during training.
+    assert "phantom preview" in viewer.layers
+    assert w.first_preview_after is not None
+    # Loss plot received the named losses.
+    assert set(w.loss_plot.series) == {"dice", "ce"}
+    assert labels_hash(labels) == before  # training never writes to the labels
+
+    # Retrain: same layer objects, data replaced in place, training continued.
+    w.steps_spin.setValue(2)
+    run_and_wait(qtbot, w)
+    assert viewer.layers["phantom prediction"] is pred
+    assert viewer.layers["phantom probability"] is prob
+    assert [ly.name for ly in viewer.layers].count("phantom prediction") == 1
+    assert w.model.method.step == 5
+    assert labels_hash(labels) == before
+
+
+def test_stop_ends_training_quickly(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
+    w = make_train_widget(sample_viewer, steps=100_000)
+    w.train_button.click()
+    qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=60_000)
+    w.stop_button.click()
+    qtbot.waitUntil(lambda: w.phase != "train", timeout=5_000)  # Stop acts at the next step
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    if w.suggestions is not None and hasattr(w.suggestions, "busy"):
+        qtbot.waitUntil(lambda: not w.suggestions.busy, timeout=60_000)
+    steps = w.model.history[-1]["steps"]
+    assert 1 <= steps < 100_000
+    assert w.last_result.stopped
+    # After Stop the volume is still predicted.
+    assert "phantom prediction" in sample_viewer.layers
+
+
+def test_accept_slice_and_undo(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
+    viewer = sample_viewer
+    labels = viewer.layers["phantom labels"]
+    w = make_train_widget(viewer, steps=2)
+    run_and_wait(qtbot, w)
+    pred = viewer.layers["phantom prediction"]
+    # Make the prediction of slice 5 differ from the labels for sure.
+    pred.data[5] = 0
+    pred.data[5, 10:20, 10:20] = 1
+    original = labels.data.copy()
+    viewer.dims.set_point(0, 5)
+    changed = w.accept_slices()
+    assert changed > 0
+    np.testing.assert_array_equal(labels.data[5], pred.data[5])
+    np.testing.assert_array_equal(np.delete(labels.data, 5, 0), np.delete(original, 5, 0))
+    w.undo_button.click()
+    np.testing.assert_array_equal(labels.data, original)
+    # A range is one undoable edit.
+    pred.data[2:5] = 1
+    w.accept_slices(2, 4)
+    assert (labels.data[2:5] == 1).all()
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, original)
+
+
+def test_save_load_model_and_predict(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer, tmp_path):
+    viewer = sample_viewer
+    w = make_train_widget(viewer, steps=2)
+    run_and_wait(qtbot, w)
+    path = w.save_model(tmp_path / "m.pt")
+    assert path.is_file()
+    w2 = TrainWidget(viewer, backend="thread", prewarm=False)
+    model = w2.load_model(path)
+    assert model.method.name == "supervised"
+    assert w2.predict_button.isEnabled()
+    for a, b in zip(model.method.nets["seg"].parameters(), w.model.method.nets["seg"].parameters()):
+        assert np.allclose(a.detach().numpy(), b.detach().cpu().numpy())
+    pred = viewer.layers["phantom prediction"]
+    expected = np.array(pred.data)
+    pred.data = np.zeros_like(expected)
+    run_and_wait(qtbot, w2, w2.predict_button.click)
+    assert viewer.layers["phantom prediction"] is pred
+    np.testing.assert_array_equal(pred.data, expected)
+
+
+def test_training_error_becomes_notification(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
+    from napari.utils.notifications import notification_manager
+
+    viewer = sample_viewer
+    viewer.add_labels(np.zeros((8, 40, 40), np.uint8), name="wrong labels")
+    w = make_train_widget(viewer, steps=2)
+    w.labels_combo.setCurrentText("wrong labels")
+    n = len(notification_manager.records)
+    run_and_wait(qtbot, w)
+    assert w.model is None
+    assert "does not match" in str(w.last_error)
+    assert any("Cannot train" in str(r.message) for r in notification_manager.records[n:])
+    # The viewer lives on and a good run still works afterwards.
+    w.labels_combo.setCurrentText("phantom labels")
+    run_and_wait(qtbot, w)
+    assert w.model is not None
+
+
+def test_nan_loss_keeps_previous_model(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer, monkeypatch):
+    from semiseg.engine import TrainingError
+    from semiseg.methods.supervised import Supervised
+
+    viewer = sample_viewer
+    w = make_train_widget(viewer, steps=2)
+    run_and_wait(qtbot, w)
+    good = w.model
+    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice": float("nan")})
+    run_and_wait(qtbot, w)
+    assert isinstance(w.last_error, TrainingError)
+    assert w.model is good
+    assert "previous model is kept" in w.status.text()
+
+
+def test_process_backend_trains_and_stops(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
+    viewer = sample_viewer
+    labels = viewer.layers["phantom labels"]
+    before = labels_hash(labels)
+    w = make_train_widget(viewer, backend="process", steps=100_000)
+    try:
+        w.train_button.click()
+        qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=90_000)
+        w.stop_button.click()
+        qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+        if w.suggestions is not None and hasattr(w.suggestions, "busy"):
+            qtbot.waitUntil(lambda: not w.suggestions.busy, timeout=60_000)
+        assert w.last_error is None, w.last_error
+        assert w.last_result.stopped
+        assert 1 <= w.model.history[-1]["steps"] < 100_000
+        assert "phantom prediction" in viewer.layers
+        assert labels_hash(labels) == before
+    finally:
+        w.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["thread"])
+def test_translation_outputs_and_samples(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer, backend):
+    viewer = sample_viewer
+    w = make_train_widget(
+        viewer,
+        backend=backend,
+        steps=2,
+        method="translation",
+        params={"unique_channels": 4, "disc_features": (8, 16), "disc_scales": 1},
+    )
+    assert "residual" in w.method_summary.text()
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    for name in ("residual", "healthy"):
+        layer = viewer.layers[f"phantom {name}"]
+        assert layer.data.shape == viewer.layers["phantom"].data.shape
+    assert w.sample_button.isEnabled()
+    w.samples_spin.setValue(3)
+    viewer.dims.set_point(0, 4)
+    run_and_wait(qtbot, w, w.sample_button.click)
+    samples = viewer.layers["phantom sampled tumours"]
+    assert samples.data.shape == (3, 1, 48, 48)
+    assert samples.translate[1] == 4
+    first = samples
+    run_and_wait(qtbot, w, w.sample_button.click)
+    assert viewer.layers["phantom sampled tumours"] is first
+
+
+def test_lazy_zarr_image_trains_with_lazy_outputs(qtbot, make_napari_viewer, make_train_widget, run_and_wait, phantom, tmp_path, monkeypatch):
+    from semiseg.io import write_volume
+    from semiseg.napari import TAGS_KEY, _train
+
+    monkeypatch.setattr(_train, "LAZY_BYTES", 0)  # treat the tiny volume as a big one
+    path = write_volume(tmp_path / "scan.zarr", phantom.image)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(path), plugin="napari-semiseg")
+    assert hasattr(image.data, "dask")
+    viewer.add_labels(phantom.labels.copy(), name="scan labels", metadata={TAGS_KEY: phantom.tags.copy()})
+    w = make_train_widget(viewer, steps=2)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    pred = viewer.layers["scan prediction"]
+    assert hasattr(pred.data, "dask") or not isinstance(pred.data, np.ndarray)  # shown lazily
+    dirs = list(w._lazy_dirs)
+    assert dirs and all(Path(d).exists() for d in dirs)
+    w.shutdown()
+    assert not any(Path(d).exists() for d in dirs)

@@ -1,0 +1,259 @@
+"""Tests of the translation method (Vorontsov et al.) and its networks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from semiseg.data import InputError
+from semiseg.engine import TrainConfig, iter_train, run
+from semiseg.inference import predict_normalised_slices
+from semiseg.methods import get_method
+from semiseg.nets.discriminators import has_spectral_norm, hinge_d_loss, hinge_g_loss
+from semiseg.nets.translation import TaskLayerNorm, TranslationNet
+
+SMALL = {"features": (8, 16, 32), "unique_channels": 8, "disc_features": (8, 16), "disc_scales": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_method(**kw):
+    torch.manual_seed(0)
+    return get_method("translation")(1, 2, params={**SMALL, **kw}, device="cpu")
+
+
+def small_net(seed=0, num_classes=2):
+    torch.manual_seed(seed)
+    return TranslationNet(1, num_classes, features=(8, 16, 32), unique_channels=8).eval()
+
+
+def test_registered_with_outputs():
+    cls = get_method("translation")
+    assert cls.outputs == {"healthy": "image", "residual": "difference"}
+    assert cls.can_sample and cls.uses_tags
+    assert cls.batch_needs(make_method(), 5) == {"diseased": 5, "healthy": 5}
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 24, 40), (3, 1, 32, 8)])
+def test_reconstruction_is_healthy_plus_residual(shape):
+    net = small_net()
+    with torch.no_grad():
+        out = net.translate(torch.randn(shape))
+    assert out["healthy"].shape == shape and out["residual"].shape == shape
+    assert torch.equal(out["reconstruction"], out["healthy"] + out["residual"])
+    m = make_method()
+    o = m.forward_all(torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16))
+    assert torch.equal(o["x_PP"], o["x_PA"] + o["res_PA"])
+
+
+def test_every_network_is_spectrally_normalised():
+    m = make_method()
+    assert set(m.nets) == {"gen", "disc_a", "disc_p"}
+    for name, net in m.nets.items():
+        layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert layers, name
+        unnormalised = [m for m in layers if not has_spectral_norm(m)]
+        assert not unnormalised, f"{name}: {len(unnormalised)} layer(s) without spectral norm"
+    # 3 scales per discriminator.
+    assert len(m.nets["disc_a"].nets) == 3
+
+
+def _perturb(param: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.add_(0.5 * torch.randn_like(param))
+
+
+def test_segmentation_shares_convolutions_but_not_norms():
+    net = small_net()
+    dec = net.residual
+    x = torch.randn(2, 1, 16, 16)
+
+    def both():
+        with torch.no_grad():
+            c, u, sk = net.encode(x)
+            return net.decode_residual(c, u, sk), net.segment_codes(c, u, sk)
+
+    res0, seg0 = both()
+    norms = [m for m in dec.modules() if isinstance(m, TaskLayerNorm)]
+    assert norms
+    for n in norms:
+        assert set(n.weight) == {"translation", "segmentation"}
+        assert n.weight["translation"] is not n.weight["segmentation"]
+    # Segmentation norm parameters change the segmentation only.
+    for n in norms:
+        _perturb(n.weight["segmentation"])
+        _perturb(n.bias["segmentation"])
+    res1, seg1 = both()
+    assert torch.equal(res0, res1) and not torch.allclose(seg0, seg1)
+    # Translation norm parameters change the residual only.
+    for n in norms:
+        _perturb(n.weight["translation"])
+        _perturb(n.bias["translation"])
+    res2, seg2 = both()
+    assert torch.equal(seg1, seg2) and not torch.allclose(res1, res2)
+    # A shared convolution of the body changes both.
+    _perturb(dec.blocks[0].conv.parametrizations.weight.original)
+    res3, seg3 = both()
+    assert not torch.allclose(res2, res3) and not torch.allclose(seg2, seg3)
+    # The only segmentation-specific layers are the classifier and the norm parameters.
+    seg_only = {n for n, _ in dec.named_parameters() if "segmentation" in n or n.startswith("classifier")}
+    assert seg_only and all("segmentation" in n or "classifier" in n for n in seg_only)
+
+
+def test_common_decoder_never_receives_unique_code():
+    net = small_net()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = net.translate(x)
+
+    def scramble_u(module, inputs, output):
+        code, skips = output
+        code = code.clone()
+        code[:, net.common_channels :] = torch.randn_like(code[:, net.common_channels :]) * 5
+        return code, skips
+
+    handle = net.encoder.register_forward_hook(scramble_u)
+    try:
+        with torch.no_grad():
+            out = net.translate(x)
+    finally:
+        handle.remove()
+    assert torch.equal(out["healthy"], ref["healthy"])
+    assert not torch.allclose(out["residual"], ref["residual"])
+    # And no gradient flows from the healthy image into u.
+    c, u, skips = net.encode(x)
+    u = u.detach().requires_grad_(True)
+    healthy = net.decode_common(c, skips)
+    assert torch.autograd.grad(healthy.sum(), u, allow_unused=True)[0] is None
+
+
+def test_sampled_tumours_are_seeded_and_vary_with_u():
+    m = make_method()
+    x = torch.randn(2, 1, 16, 24)
+    a = m.sample_tumours(x, 3, seed=7)
+    assert a.shape == (3, 2, 1, 16, 24)
+    assert torch.equal(a, m.sample_tumours(x, 3, seed=7))
+    assert not torch.allclose(a[0], a[1])
+    assert not torch.allclose(a, m.sample_tumours(x, 3, seed=8))
+    # Every sample is the healthy translation plus a residual drawn from g_res(c, u).
+    healthy = m.predict(x)["healthy"]
+    assert bool(((a - healthy).abs().flatten(2).amax(-1) > 0).all())
+
+
+def test_hinge_losses_hand_computed():
+    real = [torch.tensor([[0.5, 2.0]]), torch.tensor([[-1.0]])]
+    fake = [torch.tensor([[-2.0, 0.0]]), torch.tensor([[1.0]])]
+    # scale 1: mean(relu(1-0.5), relu(1-2)) = 0.25; mean(relu(1-2), relu(1+0)) = 0.5 -> 0.75
+    # scale 2: relu(1+1) = 2; relu(1+1) = 2 -> 4; average over scales: (0.75 + 4) / 2
+    assert hinge_d_loss(real, fake).item() == pytest.approx(2.375)
+    # generator: -(mean(-2, 0) + 1) / 2 = -(-1 + 1) / 2 = 0
+    assert hinge_g_loss(fake).item() == pytest.approx(0.0)
+    assert hinge_g_loss([torch.tensor([[3.0]])]).item() == pytest.approx(-3.0)
+    # Perfect separation beyond the margins gives zero discriminator loss.
+    assert hinge_d_loss([torch.full((1, 4), 1.5)], [torch.full((1, 4), -1.5)]).item() == 0.0
+
+
+def test_one_training_step_updates_both_players():
+    m = make_method(lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "healthy": torch.randn(3, 1, 16, 16, generator=g),
+        "diseased": torch.randn(3, 1, 16, 16, generator=g),
+        "diseased_mask": torch.randint(0, 2, (3, 16, 16), generator=g),
+        "diseased_has_mask": torch.tensor([True, False, True]),
+    }
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in m.nets.items()}
+    losses = m.training_step(batch)
+    assert set(losses) == {"seg", "rec", "lat", "cyc", "adv_g", "adv_d"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["seg"] > 0
+    for k, n in m.nets.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], n.parameters())), k
+    # No mask in the batch: the Dice term is zero, the rest still trains.
+    batch["diseased_has_mask"] = torch.tensor([False, False, False])
+    assert m.training_step(batch)["seg"] == 0.0
+
+
+def test_weights_are_normalised_like_the_paper():
+    w = make_method(w_seg=0.01)._weights()
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w["rec"] / w["adv"] == pytest.approx(50 / 3)
+    with pytest.raises(ValueError):
+        make_method(w_rec=-1.0)
+
+
+def _volume(seed=0, z=6, size=24):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 10, (z, size, size)).astype(np.float32)
+    labels = np.zeros((z, size, size), np.uint8)
+    labels[1, 8:14, 8:14] = 1
+    image[1:3, 8:14, 8:14] += 60
+    tags = np.array([0, 1, 1, 0, -1, 0], np.int8)[:z]
+    return image, labels, tags
+
+
+def test_missing_healthy_tags_is_a_clear_input_error():
+    image, labels, tags = _volume()
+    tags = np.where(tags == 0, -1, tags)
+    gen = iter_train(
+        image, labels, tags=tags, method="translation", params=SMALL,
+        config=TrainConfig(steps=1, batch_size=2, crop=16), device="cpu",
+    )
+    with pytest.raises(InputError, match="tagged healthy"):
+        run(gen)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 21, 37)])
+def test_predict_shapes(shape):
+    m = make_method()
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    out = predict_normalised_slices(m, x, outputs=("healthy", "residual"))
+    b, _, h, w = shape
+    assert out["probabilities"].shape == (b, 2, h, w)
+    assert out["mask"].shape == (b, h, w)
+    assert out["healthy"].shape == out["residual"].shape == shape
+    np.testing.assert_allclose(out["probabilities"].sum(1), 1, atol=1e-5)
+
+
+def test_cli_predict_writes_translation_outputs(tmp_path):
+    from semiseg.cli import main
+    from semiseg.data import write_weak_csv
+    from semiseg.io import write_volume
+
+    image, labels, tags = _volume()
+    write_volume(tmp_path / "image.npy", image)
+    write_volume(tmp_path / "labels.npy", labels)
+    write_weak_csv(tmp_path / "weak.csv", tags)
+    model = tmp_path / "model.pt"
+    params = ["--param", "features=8,16,32", "--param", "unique_channels=8", "--param", "disc_features=8,16"]
+    rc = main([
+        "train", str(tmp_path / "image.npy"), str(tmp_path / "labels.npy"), "-o", str(model),
+        "--method", "translation", "--weak", str(tmp_path / "weak.csv"), "--steps", "2",
+        "--batch-size", "2", "--crop", "16", "--device", "cpu", *params,
+    ])
+    assert rc == 0
+    out = {k: tmp_path / f"{k}.npy" for k in ("mask", "residual", "healthy", "tumours")}
+    rc = main([
+        "predict", str(model), str(tmp_path / "image.npy"), "-o", str(out["mask"]),
+        "--residual", str(out["residual"]), "--healthy", str(out["healthy"]),
+        "--tumours", str(out["tumours"]), "--n-samples", "3", "--device", "cpu",
+    ])
+    assert rc == 0
+    res = {k: np.load(v) for k, v in out.items()}
+    assert res["mask"].shape == image.shape
+    assert res["residual"].shape == res["healthy"].shape == image.shape
+    assert res["tumours"].shape == (3, *image.shape)
+    # Healthy image is in image intensity units, not normalised units.
+    assert abs(float(res["healthy"].mean()) - 100) < 100
+    for v in res.values():
+        assert np.all(np.isfinite(v))
