@@ -71,6 +71,10 @@ class SuggestionList(QWidget):
         self.suggestions: list[Suggestion] = []
         self._worker = None
         self._generation = 0
+        # Worker signals can arrive after Qt deleted this widget: a flag outside the widget
+        # lets their callbacks check it without touching deleted Qt objects.
+        self._alive = alive = [True]
+        self.destroyed.connect(lambda *_: alive.__setitem__(0, False))
 
         self.n_spin = QSpinBox()
         self.n_spin.setRange(1, 50)
@@ -157,10 +161,11 @@ class SuggestionList(QWidget):
             iter_uncertainty, self.model, _layer_data(self.image_layer), tta=self.tta_check.isChecked(),
             _start_thread=False, _ignore_errors=True,  # errors go to _on_error, not the console
         )
-        worker.yielded.connect(lambda p, g=gen_id: self._on_progress(p, g))
-        worker.returned.connect(lambda r, g=gen_id: self._on_result(r, g))
-        worker.errored.connect(lambda e, g=gen_id: self._on_error(e, g))
-        worker.finished.connect(lambda g=gen_id: self._on_finished(g))
+        alive = self._alive
+        worker.yielded.connect(lambda p, g=gen_id: alive[0] and self._on_progress(p, g))
+        worker.returned.connect(lambda r, g=gen_id: alive[0] and self._on_result(r, g))
+        worker.errored.connect(lambda e, g=gen_id: alive[0] and self._on_error(e, g))
+        worker.finished.connect(lambda g=gen_id: alive[0] and self._on_finished(g))
         self._worker = worker
         self.progress.setValue(0)
         self.progress.setVisible(True)
@@ -257,6 +262,7 @@ class SuggestionList(QWidget):
             self.viewer.dims.set_point(viewer_axis, float(world[data_axis]))
 
     def closeEvent(self, event) -> None:
+        self._generation += 1  # results of a dropped computation are ignored
         self._stop_worker()
         self._watch(None)
         super().closeEvent(event)
