@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from annotation_efficiency import (
+    parse_params,  # same METHOD:KEY=VALUE syntax (script folder is on sys.path)
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "table2.jsonl"
@@ -197,17 +200,6 @@ def figure(path: Path, args, params: dict) -> str:
 
     d = dice_per_class(res["mask"], s.truth, classes=[1], exclude_slices=s.annotated)[1]
     return f"wrote {path}: slices {picks}, {h['steps']} steps, Dice on unannotated slices {d:.3f}"
-
-
-def parse_params(items):
-    out: dict[str, dict[str, str]] = {}
-    for item in items:
-        head, _, value = item.partition("=")
-        method, _, key = head.partition(":")
-        if not key or not value:
-            raise SystemExit(f"--param expects METHOD:KEY=VALUE, got {item!r}")
-        out.setdefault(method, {})[key] = value
-    return out
 
 
 def main(argv=None) -> int:
