@@ -11,6 +11,12 @@ from semiseg.napari import TAGS_KEY
 PLUGIN = "napari-semiseg"
 
 
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path, monkeypatch):
+    """The Train widget keeps every run; keep them out of the user's home in tests."""
+    monkeypatch.setenv("SEMISEG_RUNS_DIR", str(tmp_path / "runs"))
+
+
 @pytest.fixture(scope="session")
 def phantom():
     return make_phantom(0, shape=(8, 48, 48), labelled=2)

@@ -203,3 +203,25 @@ def test_lazy_zarr_image_trains_with_lazy_outputs(qtbot, make_napari_viewer, mak
     assert dirs and all(Path(d).exists() for d in dirs)
     w.shutdown()
     assert not any(Path(d).exists() for d in dirs)
+
+
+def test_runs_are_kept_and_rollback_restores_an_earlier_model(qtbot, make_train_widget, run_and_wait, sample_viewer, tmp_path):
+    w = make_train_widget(sample_viewer, steps=3)
+    assert w.runs_dir == tmp_path / "runs" and w.runs_combo.count() == 0
+    assert not w.rollback_button.isEnabled()
+    run_and_wait(qtbot, w)
+    w.steps_spin.setValue(2)
+    run_and_wait(qtbot, w)
+    assert w.model.method.step == 5
+    assert w.runs_combo.count() == 2  # newest first
+    assert "2 steps" in w.runs_combo.itemText(0) and "3 steps" in w.runs_combo.itemText(1)
+    assert w.rollback_button.isEnabled()
+    w.runs_combo.setCurrentIndex(1)
+    w.rollback_button.click()
+    assert w.last_error is None
+    assert w.model.method.step == 3 and len(w.model.history) == 1
+    assert w.runs_combo.count() == 2  # rolling back keeps every run
+    # A prediction-only job is not a new run.
+    w.predict_button.click()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    assert w.runs_combo.count() == 2

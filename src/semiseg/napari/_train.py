@@ -257,6 +257,16 @@ class TrainWidget(QWidget):
         self.load_button.clicked.connect(self._load_dialog)
         row.addWidget(self.load_button)
         v.addLayout(row)
+        # Every training run is kept (semiseg.runs); any can be loaded back.
+        row = QHBoxLayout()
+        self.runs_combo = QComboBox()
+        self.runs_combo.setToolTip(f"training runs kept in {self.runs_dir}")
+        row.addWidget(self.runs_combo, 1)
+        self.rollback_button = QPushButton("Roll back")
+        self.rollback_button.setToolTip("load the chosen run's model (the runs themselves are kept)")
+        self.rollback_button.clicked.connect(lambda *_: self._guard(self.rollback, self.runs_combo.currentData()))
+        row.addWidget(self.rollback_button)
+        v.addLayout(row)
         row = QHBoxLayout()
         self.export_combo = QComboBox()
         row.addWidget(self.export_combo, 1)
@@ -281,6 +291,10 @@ class TrainWidget(QWidget):
             except Exception as exc:  # a broken optional part must not break training
                 self.status.setText(f"suggestion list unavailable: {exc}")
         lay.addStretch(1)
+        try:
+            self.refresh_runs()
+        except (InputError, OSError) as exc:
+            self.status.setText(f"cannot list training runs: {exc}")
         self._update_buttons()
 
     # ================================================================== layer choices
@@ -375,6 +389,7 @@ class TrainWidget(QWidget):
         self.sample_row.setVisible(not has_model or self.model.method.can_sample)
         self.save_button.setEnabled(has_model)
         self.load_button.setEnabled(not busy)
+        self.rollback_button.setEnabled(not busy and self.runs_combo.count() > 0)
         self.continue_check.setEnabled(has_model)
 
     # ================================================================== inputs
@@ -447,6 +462,7 @@ class TrainWidget(QWidget):
             return
         self.train_pressed_at = time.perf_counter()
         self.first_preview_after = None
+        self._job_trains = train
         try:
             job = self._make_job(train=train)
         except (InputError, ValueError, KeyError) as exc:
@@ -557,6 +573,11 @@ class TrainWidget(QWidget):
             msg = f"Predicted on {result.device}"
         if result.outputs is None:
             msg += "; prediction cancelled"
+        if getattr(self, "_job_trains", False) and result.model.history:
+            try:
+                self.keep_run(result.model)
+            except InputError as exc:
+                msg += f"; run not kept: {exc}"
         self.status.setText(msg)
         self.continue_check.setChecked(True)
         if self.suggestions is not None and self.labels_layer is not None:
@@ -705,6 +726,39 @@ class TrainWidget(QWidget):
     def _on_samples_finished(self) -> None:
         self.worker = None
         self._update_buttons()
+
+    # ================================================================== runs
+    @property
+    def runs_dir(self) -> Path:
+        """Folder of kept training runs: ``$SEMISEG_RUNS_DIR`` or ``~/.napari-semiseg/runs``."""
+        import os
+
+        return Path(os.environ.get("SEMISEG_RUNS_DIR") or Path.home() / ".napari-semiseg" / "runs")
+
+    def keep_run(self, model: Model):
+        """Store ``model`` as a new run (weights, method, settings, label budget) and list it."""
+        from ..runs import save_run
+
+        info = save_run(model, self.runs_dir / "model.pt", self.runs_dir)
+        self.refresh_runs()
+        return info
+
+    def refresh_runs(self) -> None:
+        from ..runs import list_runs
+
+        self.runs_combo.clear()
+        if not self.runs_dir.is_dir():
+            return
+        for info in reversed(list_runs(self.runs_dir / "model.pt", self.runs_dir)):
+            self.runs_combo.addItem(info.describe(), str(info.path))
+
+    def rollback(self, run_path) -> Model:
+        """Load a kept run's model as the current model (continue training from it)."""
+        if not run_path:
+            raise InputError("no training run to roll back to")
+        model = self.load_model(run_path)
+        self.status.setText(f"Rolled back to run {Path(run_path).stem}")
+        return model
 
     # ================================================================== files
     def save_model(self, path) -> Path:
