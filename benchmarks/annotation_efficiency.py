@@ -88,6 +88,13 @@ def parse_params(items):
     return out
 
 
+def append_result(path: Path, row: dict) -> None:
+    """Print one result and append it to the JSON-lines file."""
+    print(json.dumps(row), flush=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def load(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -178,10 +185,7 @@ def main(argv=None) -> int:
         for k in args.k:
             for seed in args.seeds:
                 for m in methods:
-                    r = run_one(m, sample, k, seed, args, params.get(m, {}))
-                    print(json.dumps(r), flush=True)
-                    with open(args.out, "a") as fh:
-                        fh.write(json.dumps(r) + "\n")
+                    append_result(args.out, run_one(m, sample, k, seed, args, params.get(m, {})))
     return 0
 
 

@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from annotation_efficiency import (
-    parse_params,  # same METHOD:KEY=VALUE syntax (script folder is on sys.path)
-)
+
+# Same --param syntax and result files as the harness (the script folder is on sys.path).
+from annotation_efficiency import append_result, parse_params
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "table2.jsonl"
@@ -233,10 +233,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for m in args.methods:
-            r = run_one(m, seed, train, test, args, params.get(m, {}))
-            print(json.dumps(r), flush=True)
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+            append_result(args.out, run_one(m, seed, train, test, args, params.get(m, {})))
     return 0
 
 

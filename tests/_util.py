@@ -24,3 +24,15 @@ def file_hash(path) -> str:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def random_batch(b: int = 2, side: int = 32, k: int = 3, seed: int = 0) -> dict:
+    """A seeded batch of random labelled (with ``k``-class masks) and unlabelled crops."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "labelled": torch.randn(b, 1, side, side, generator=g),
+        "mask": torch.randint(0, k, (b, side, side), generator=g),
+        "unlabelled": torch.randn(b, 1, side, side, generator=g),
+    }

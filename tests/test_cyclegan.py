@@ -17,15 +17,9 @@ from semiseg.model import Model
 from semiseg.nets.gan_blocks import PixelDiscriminator, ResnetGenerator
 from semiseg.synthetic import make_phantom
 
+from ._util import random_batch
+
 TINY = {"features": (8, 16), "n_blocks": 1, "disc_features": 8, "pool_size": 4}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(k=3, **over):
@@ -33,13 +27,7 @@ def make(k=3, **over):
     return get_method("cyclegan")(1, k, params={**TINY, **over})
 
 
-def batch(b=2, side=32, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "labelled": torch.randn(b, 1, side, side, generator=g),
-        "mask": torch.randint(0, k, (b, side, side), generator=g),
-        "unlabelled": torch.randn(b, 1, side, side, generator=g),
-    }
+batch = random_batch
 
 
 # ----------------------------------------------------------------------------- loss formulas

@@ -28,14 +28,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(k=2, **over):
     torch.manual_seed(0)
     return get_method("pyramid-gan")(1, k, params={**TINY, **over})

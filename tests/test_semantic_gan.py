@@ -22,15 +22,9 @@ from semiseg.model import Model
 from semiseg.nets.stylegan import ModulatedConv2d, SemanticStyleGenerator, channels_for
 from semiseg.synthetic import make_phantom
 
+from ._util import random_batch
+
 TINY = {"features": (8, 16), "size": 32, "latent_dim": 16, "mapping_layers": 2, "tto_batch": 16}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(**over):
@@ -38,13 +32,7 @@ def make(**over):
     return get_method("semantic-gan")(1, 3, params={**TINY, **over})
 
 
-def batch(b=2, side=32, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "labelled": torch.randn(b, 1, side, side, generator=g),
-        "mask": torch.randint(0, k, (b, side, side), generator=g),
-        "unlabelled": torch.randn(b, 1, side, side, generator=g),
-    }
+batch = random_batch
 
 
 # ----------------------------------------------------------------------------- loss formulas

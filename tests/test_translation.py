@@ -19,14 +19,6 @@ from semiseg.nets.translation import TaskLayerNorm, TranslationNet
 SMALL = {"features": (8, 16, 32), "unique_channels": 8, "disc_features": (8, 16), "disc_scales": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_method(**kw):
     torch.manual_seed(0)
     return get_method("translation")(1, 2, params={**SMALL, **kw}, device="cpu")

@@ -28,6 +28,22 @@ def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def pad_to_multiple(method: Method, x: np.ndarray) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """Put ``(B, C, H, W)`` slices on the method's device, padded to its size multiple.
+
+    Returns the tensor and the ``(rows, cols)`` slices that crop a prediction back to
+    ``(H, W)``. Padding reflects the image; tiny slices (pad >= side) replicate the edge.
+    """
+    h, w = x.shape[-2:]
+    m = method.size_multiple
+    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
+    t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    if pt or pb or pl or pr:
+        mode = "reflect" if max(pt, pb) < h and max(pl, pr) < w else "replicate"
+        t = F.pad(t, (pl, pr, pt, pb), mode=mode)
+    return t, (slice(pt, pt + h), slice(pl, pl + w))
+
+
 def predict_normalised_slices(
     method: Method, x: np.ndarray, outputs: Sequence[str] = ()
 ) -> dict[str, np.ndarray]:
@@ -47,16 +63,9 @@ def predict_normalised_slices(
         ``mask`` (B, H, W) int64, ``probabilities`` (B, K, H, W) float32, and each requested
         output as (B, C, H, W) float32.
     """
-    h, w = x.shape[-2:]
-    m = method.size_multiple
-    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
-    t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    if pt or pb or pl or pr:
-        # Reflection needs the pad to be smaller than the side; replicate covers tiny slices.
-        mode = "reflect" if max(pt, pb) < h and max(pl, pr) < w else "replicate"
-        t = F.pad(t, (pl, pr, pt, pb), mode=mode)
+    t, (rows, cols) = pad_to_multiple(method, x)
     res = method.predict(t)
-    crop = (slice(None), slice(None), slice(pt, pt + h), slice(pl, pl + w))
+    crop = (slice(None), slice(None), rows, cols)
     probs = res["probabilities"][crop].float()
     out = {"probabilities": probs.cpu().numpy(), "mask": _argmax_classes(probs).cpu().numpy()}
     for name in outputs:
@@ -236,12 +245,9 @@ def sample_tumours(model: Model, image, index: int, n: int, *, seed: int = 0) ->
     idx = [slice(None)] * 4
     idx[model.axis + 1] = index
     x = model.normaliser(np.asarray(image[tuple(idx)], dtype=np.float32))[None]
-    h, w = x.shape[-2:]
-    m = method.size_multiple
-    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
-    t = F.pad(method.to_tensor(x), (pl, pr, pt, pb), mode="replicate")
+    t, (rows, cols) = pad_to_multiple(method, x)
     with torch.no_grad():
-        samples = method.sample_tumours(t, n, seed)[:, 0, :, pt : pt + h, pl : pl + w].float().cpu().numpy()
+        samples = method.sample_tumours(t, n, seed)[:, 0, :, rows, cols].float().cpu().numpy()
     lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
     hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
     samples = (samples + 1) * (hi - lo) / 2 + lo

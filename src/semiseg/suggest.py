@@ -50,10 +50,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy import ndimage as ndi
-from torch.nn import functional as F
 
 from .data import HEALTHY, InputError, _check_tags, as_channels, validate_labels
 from .engine import Progress, run
+from .inference import pad_to_multiple
 from .methods.base import Method
 from .model import Model
 
@@ -140,11 +140,6 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log()).sum(1)
 
 
-def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
-    total = (-size) % multiple
-    return total // 2, total - total // 2
-
-
 def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Uncertainty and class probabilities of a stack of normalised slices.
 
@@ -164,13 +159,7 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
     uncertainty : (B, H, W) float32 ndarray
     probabilities : (B, K, H, W) float32 ndarray
     """
-    h, w = x.shape[-2:]
-    m = method.size_multiple
-    (pt, pb), (pl, pr) = _pad_amounts(h, m), _pad_amounts(w, m)
-    t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    if pt or pb or pl or pr:
-        mode = "reflect" if max(pt, pb) < h and max(pl, pr) < w else "replicate"
-        t = F.pad(t, (pl, pr, pt, pb), mode=mode)
+    t, (rows, cols) = pad_to_multiple(method, x)
     custom = _overrides_uncertainty(method)
     transforms = TTA_TRANSFORMS if tta else TTA_TRANSFORMS[:1]
     probs = unc = None
@@ -184,7 +173,7 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
                 unc = u if unc is None else unc + u
         probs = probs / len(transforms)
         unc = _entropy(probs) if not custom else unc / len(transforms)
-    crop = (slice(None), slice(pt, pt + h), slice(pl, pl + w))
+    crop = (slice(None), rows, cols)
     probs = probs[(slice(None), *crop)]
     unc = unc[crop]
     return unc.cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)

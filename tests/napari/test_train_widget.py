@@ -209,6 +209,16 @@ def test_runs_are_kept_and_rollback_restores_an_earlier_model(qtbot, make_train_
     w = make_train_widget(sample_viewer, steps=3)
     assert w.runs_dir == tmp_path / "runs" and w.runs_combo.count() == 0
     assert not w.rollback_button.isEnabled()
+    from semiseg.data import InputError
+    from semiseg.model import ModelFileError
+
+    with pytest.raises(InputError, match="no training run"):
+        w.rollback("")
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError):
+        w.rollback(str(bad))
+    assert w.model is None  # a failed rollback changes nothing
     run_and_wait(qtbot, w)
     w.steps_spin.setValue(2)
     run_and_wait(qtbot, w)
