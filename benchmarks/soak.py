@@ -80,14 +80,14 @@ def soak_widget(args, image, labels, tags, record) -> str:
         target = n0 + args.stop_after
         wait_until(app, lambda t=target: len(w.loss_plot.series.get(args.stop_key, [])) >= t, 300, "training steps")
         w.stop_button.click()
-        wait_until(app, lambda: w.worker is None, 300, "stop + prediction")
+        wait_until(app, lambda: not w.busy, 300, "stop + prediction")
         sugg = getattr(w, "suggestions", None)
         if sugg is not None and hasattr(sugg, "busy"):
             wait_until(app, lambda s=sugg: not s.busy, 300, "suggestions")
         if w.last_error is not None:
             raise RuntimeError(f"cycle {cycle}: {w.last_error}")
         w.predict_button.click()
-        wait_until(app, lambda: w.worker is None, 300, "prediction")
+        wait_until(app, lambda: not w.busy, 300, "prediction")
         if w.last_error is not None:
             raise RuntimeError(f"cycle {cycle}: {w.last_error}")
         app.processEvents()

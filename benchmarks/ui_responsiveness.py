@@ -131,7 +131,8 @@ def run_backend(backend: str, args) -> dict:
     train_gaps = hb.stop()
     hb.start()
     t1 = time.perf_counter()
-    _spin(app, until=lambda: w.worker is None, scroll=scroll)
+    # Until the run is fully shown: layers added, suggestion list filled.
+    _spin(app, until=lambda: not w.busy, scroll=scroll)
     phases["predict_s"] = time.perf_counter() - t1
     predict_gaps = hb.stop()
     settle()
@@ -151,7 +152,7 @@ def run_backend(backend: str, args) -> dict:
     w.stop_button.click()
     _spin(app, until=lambda: w.phase != "train", timeout=120)
     stop_latency = time.perf_counter() - ts
-    _spin(app, until=lambda: w.worker is None)
+    _spin(app, until=lambda: not w.busy)
     settle()
     load1 = os.getloadavg()
     w.shutdown()

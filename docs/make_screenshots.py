@@ -38,7 +38,7 @@ def _train(app, w, method, steps, params=None, scratch=True):
     w.steps_spin.setValue(steps)
     w.continue_check.setChecked(not scratch)
     w.train_button.click()
-    _wait(app, lambda: w.worker is None)
+    _wait(app, lambda: not w.busy)
     sugg = getattr(w, "suggestions", None)
     if sugg is not None and hasattr(sugg, "busy"):
         _wait(app, lambda: not sugg.busy)
@@ -111,7 +111,7 @@ def main(argv=None):
     viewer.layers["phantom healthy"].visible = False
     w.samples_spin.setValue(4)
     w.sample_button.click()
-    _wait(app, lambda: w.worker is None)
+    _wait(app, lambda: not w.busy)
     for name in ("phantom", "phantom labels"):
         viewer.layers[name].visible = False
     viewer.dims.set_point(1, z)

@@ -108,11 +108,15 @@ class UncertaintyResult:
         Benefit score of every slice along ``axis`` (see :func:`slice_scores`).
     axis : int
         The model's slicing axis.
+    peak : float or None
+        Largest uncertainty of the volume (to set a display range without reading a lazy
+        ``uncertainty`` again).
     """
 
     uncertainty: object
     mass: np.ndarray
     axis: int
+    peak: float | None = None
 
 
 # ----------------------------------------------------------------------------- TTA
@@ -386,6 +390,7 @@ def iter_uncertainty(
     elif tuple(out.shape) != spatial:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {spatial}")
     mass = np.zeros(n, np.float64)
+    peak = 0.0
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="uncertainty")
     for s in range(0, n, batch_size):
@@ -399,8 +404,9 @@ def iter_uncertainty(
         put = [slice(None)] * 3
         put[axis] = slice(s, e)
         out[tuple(put)] = np.moveaxis(unc, 0, axis)
+        peak = max(peak, float(unc.max(initial=0.0)))
         yield Progress(e, n, {}, time.perf_counter() - start, phase="uncertainty")
-    return UncertaintyResult(out, mass, axis)
+    return UncertaintyResult(out, mass, axis, peak)
 
 
 def uncertainty_volume(model: Model, image, *, tta: bool = False, batch_size: int = 8) -> np.ndarray:

@@ -49,13 +49,10 @@ def _make_train_widget(viewer, *, backend="thread", steps=3, method="supervised"
 
 
 def _run_and_wait(qtbot, widget, action=None, timeout=120_000):
-    """Press Train (or call ``action``) and wait until the worker has finished."""
+    """Press Train (or call ``action``) and wait until the run has finished and is shown
+    (layers are added one event-loop turn at a time, then the suggestion list is fed)."""
     (action or widget.train_button.click)()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
-    # The embedded suggestion list (if present) computes after each run: let it finish.
-    sugg = getattr(widget, "suggestions", None)
-    if sugg is not None and hasattr(sugg, "busy"):
-        qtbot.waitUntil(lambda: not sugg.busy, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
 def _labels_hash(layer) -> int:

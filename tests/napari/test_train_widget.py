@@ -30,6 +30,11 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     # Loss plot received the named losses.
     assert set(w.loss_plot.series) == {"dice", "ce"}
     assert labels_hash(labels) == before  # training never writes to the labels
+    # The suggestion list got the job's own uncertainty pass (computed in the worker, not
+    # again in the viewer's process).
+    assert w.last_result.uncertainty is not None
+    assert w.suggestions.result is w.last_result.uncertainty
+    assert "phantom uncertainty" in viewer.layers and w.suggestions.list.count() > 0
 
     # Retrain: same layer objects, data replaced in place, training continued.
     w.steps_spin.setValue(2)
@@ -47,9 +52,7 @@ def test_stop_ends_training_quickly(qtbot, make_train_widget, run_and_wait, labe
     qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=60_000)
     w.stop_button.click()
     qtbot.waitUntil(lambda: w.phase != "train", timeout=5_000)  # Stop acts at the next step
-    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
-    if w.suggestions is not None and hasattr(w.suggestions, "busy"):
-        qtbot.waitUntil(lambda: not w.suggestions.busy, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     steps = w.model.history[-1]["steps"]
     assert 1 <= steps < 100_000
     assert w.last_result.stopped
@@ -144,9 +147,7 @@ def test_process_backend_trains_and_stops(qtbot, make_train_widget, run_and_wait
         w.train_button.click()
         qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=90_000)
         w.stop_button.click()
-        qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
-        if w.suggestions is not None and hasattr(w.suggestions, "busy"):
-            qtbot.waitUntil(lambda: not w.suggestions.busy, timeout=60_000)
+        qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
         assert w.last_error is None, w.last_error
         assert w.last_result.stopped
         assert 1 <= w.model.history[-1]["steps"] < 100_000
@@ -233,5 +234,26 @@ def test_runs_are_kept_and_rollback_restores_an_earlier_model(qtbot, make_train_
     assert w.runs_combo.count() == 2  # rolling back keeps every run
     # A prediction-only job is not a new run.
     w.predict_button.click()
-    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert w.runs_combo.count() == 2
+
+
+def test_run_is_shown_one_step_per_event_loop_turn(qtbot, make_train_widget, sample_viewer):
+    """Finished runs are shown in small GUI steps; a failing step is reported, later ones run."""
+    import time
+
+    from semiseg.napari._train import DISPLAY_STEP_MS
+
+    w = make_train_widget(sample_viewer)
+    done = []
+
+    def broken():
+        raise ValueError("cannot show this layer")
+
+    w._queue_display(lambda: done.append(time.perf_counter()), broken, lambda: done.append(time.perf_counter()))
+    assert w.busy and done == []  # nothing runs inside the call that queued the steps
+    qtbot.waitUntil(lambda: not w.busy, timeout=5_000)
+    assert len(done) == 2
+    # Three timer turns apart (first, broken, last): events are processed in between.
+    assert done[1] - done[0] >= 2 * 0.5 * DISPLAY_STEP_MS / 1000
+    assert isinstance(w.last_error, ValueError)

@@ -42,8 +42,12 @@ from ..data import InputError
 from ..engine import Progress, TrainConfig, TrainingError, iter_train
 from ..inference import iter_predict_volume
 from ..model import Model
+from ..suggest import UncertaintyResult, iter_uncertainty
 
 log = logging.getLogger(__name__)
+
+#: Zarr group (inside a job's folder) holding the uncertainty of the suggestion list.
+UNCERTAINTY_ZARR = "uncertainty.zarr"
 
 __all__ = [
     "JobControl",
@@ -53,6 +57,7 @@ __all__ = [
     "iter_job",
     "iter_job_process",
     "open_outputs",
+    "open_uncertainty",
 ]
 
 
@@ -79,6 +84,12 @@ class TrainJob:
     out_dir : str or None
         Folder for a zarr group of outputs; None keeps outputs in memory (thread backend with a
         numpy image).
+    uncertainty : bool
+        After predicting, also compute the per-voxel uncertainty and slice scores for the
+        suggestion list (:func:`semiseg.suggest.iter_uncertainty`), in the worker, so the
+        viewer process does not run a second whole-volume pass.
+    tta : bool
+        Test-time augmentation for that uncertainty pass.
     """
 
     image: Any
@@ -91,6 +102,8 @@ class TrainJob:
     train: bool = True
     predict: bool = True
     out_dir: str | None = None
+    uncertainty: bool = False
+    tta: bool = False
 
 
 @dataclasses.dataclass
@@ -109,6 +122,8 @@ class JobResult:
         Device used for training.
     out_dir : str or None
         Folder still backing lazy outputs (zarr), if any.
+    uncertainty : UncertaintyResult or None
+        The suggestion list's uncertainty pass, when the job asked for it and was not cancelled.
     """
 
     model: Model
@@ -116,6 +131,7 @@ class JobResult:
     stopped: bool
     device: str
     out_dir: str | None = None
+    uncertainty: UncertaintyResult | None = None
 
 
 class JobControl:
@@ -155,11 +171,51 @@ def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> 
                 pgen.close()
                 outputs = None
                 break
+    unc = None
+    if outputs is not None and job.uncertainty:
+        unc = yield from _uncertainty(job, control, model)
     if model.method.device.type == "cuda":
         import torch
 
         torch.cuda.empty_cache()
-    return JobResult(model, outputs, stopped, device, job.out_dir)
+    return JobResult(model, outputs, stopped, device, job.out_dir, unc)
+
+
+def _uncertainty(job: TrainJob, control: JobControl, model: Model):
+    """The suggestion list's uncertainty pass (None when cancelled)."""
+    out = None
+    if job.out_dir:
+        import zarr
+
+        spatial = tuple(job.image.shape[-3:])
+        root = zarr.open_group(str(Path(job.out_dir) / UNCERTAINTY_ZARR), mode="w")
+        axis = model.axis
+        chunks = tuple(1 if i == axis else n for i, n in enumerate(spatial))
+        out = root.create_array("uncertainty", shape=spatial, chunks=chunks, dtype=np.float32)
+    gen = iter_uncertainty(model, job.image, tta=job.tta, out=out)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield p
+        if control.cancel.is_set():
+            gen.close()
+            return None
+
+
+def open_uncertainty(out_dir: str, mass, axis: int, peak: float | None, *, load: bool) -> UncertaintyResult:
+    """The uncertainty a worker wrote under ``out_dir``, as numpy (``load``) or dask."""
+    import zarr
+
+    arr = zarr.open_group(str(Path(out_dir) / UNCERTAINTY_ZARR), mode="r")["uncertainty"]
+    if load:
+        data = np.asarray(arr[...])
+    else:
+        import dask.array as da
+
+        data = da.from_zarr(arr)
+    return UncertaintyResult(data, np.asarray(mass, np.float64), int(axis), peak)
 
 
 def _train(job: TrainJob, control: JobControl, model: Model | None, config: TrainConfig):
@@ -362,12 +418,14 @@ def iter_job_process(
                     raise InputError(text)
                 raise TrainingError(f"{name}: {text}")
             elif kind == "done":
-                _, model_path, stopped, device, predicted = msg
+                _, model_path, stopped, device, predicted, unc = msg
                 t0 = time.perf_counter()
                 trained = Model.load(model_path, device="cpu")
                 log.debug("model loaded in %.2f s", time.perf_counter() - t0)
                 outputs = open_outputs(str(out_dir), load=load_outputs) if predicted else None
-                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir))
+                if unc is not None:
+                    unc = open_uncertainty(str(out_dir), *unc, load=load_outputs)
+                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc)
     finally:
         h.close()
 
@@ -401,7 +459,9 @@ def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int =
         control.cancel = cancel
         result = run(iter_job(job, control, model), lambda p: msgs.put(("progress", p)))
         path = result.model.save(Path(job.out_dir) / "model.pt")
-        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None))
+        unc = result.uncertainty
+        unc = None if unc is None else (unc.mass, unc.axis, unc.peak)  # the map stays in the zarr group
+        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None, unc))
     except BaseException as exc:  # reported to the viewer, never lost
         msgs.put(("error", type(exc).__name__, str(exc) or repr(exc)))
     finally:

@@ -127,6 +127,17 @@ class SuggestionList(QWidget):
         self.refresh_button.setEnabled(model is not None)
         self.refresh()
 
+    def set_result(self, model, image_layer, labels_layer, result: UncertaintyResult) -> None:
+        """Like :meth:`set_model`, with an uncertainty pass already computed elsewhere (the
+        Train widget's worker); nothing is recomputed here."""
+        self._watch(labels_layer)
+        self._stop_worker()
+        self._generation += 1
+        self.model = model
+        self.image_layer = image_layer
+        self.refresh_button.setEnabled(model is not None)
+        self._on_result(result, self._generation)
+
     def _watch(self, labels_layer) -> None:
         if self.labels_layer is labels_layer:
             return
@@ -198,8 +209,12 @@ class SuggestionList(QWidget):
         if gen_id != self._generation or self.image_layer is None:
             return
         self.result = result
-        u = np.asarray(result.uncertainty)
-        top = float(u.max()) if u.size else 0.0
+        u = result.uncertainty
+        if result.peak is not None:
+            top = result.peak
+        else:  # computed here from numpy; a lazy map is never read whole just for its range
+            u = np.asarray(u)
+            top = float(u.max()) if u.size else 0.0
         self.uncertainty_layer = upsert(
             self.viewer, f"{self.image_layer.name} uncertainty", u, "image", like=self.image_layer,
             colormap="magma", blending="additive", opacity=0.7,

@@ -11,8 +11,8 @@ reverts it.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
+from collections import deque
 import time
 import weakref
 from pathlib import Path
@@ -50,6 +50,9 @@ from ._params import ParamsForm
 DEFAULT_BACKEND = os.environ.get("SEMISEG_NAPARI_BACKEND", "process")
 #: Image volumes above this many bytes get lazy (zarr-backed) outputs instead of numpy ones.
 LAZY_BYTES = 512 * 2**20
+#: Pause between the GUI-thread steps that show a finished run (adding a layer costs napari
+#: ~150 ms with software rendering; one per event-loop turn keeps each freeze short).
+DISPLAY_STEP_MS = 10
 
 
 def _relay(gen):
@@ -110,6 +113,11 @@ class TrainWidget(QWidget):
         self._job_image = None
         self._job_image_name: str | None = None
         self.preview_every = 2.0
+        self._display: deque = deque()  # pending GUI steps that show a finished run
+        self._display_timer = QTimer(self)
+        self._display_timer.setSingleShot(True)
+        self._display_timer.setInterval(DISPLAY_STEP_MS)
+        self._display_timer.timeout.connect(self._display_next)
         self.pool = _jobs.ProcessPool(threads=1) if self.backend == "process" else None
         self._build_ui()
         self.viewer.layers.events.inserted.connect(self._sync_layers)
@@ -276,20 +284,14 @@ class TrainWidget(QWidget):
         v.addLayout(row)
         lay.addWidget(box)
 
-        # Place for the suggestion list (src/semiseg/napari/_suggest.py, written separately):
-        # embedded when the module exists, fed the model after every run.
-        self.suggestions = None
-        if importlib.util.find_spec(f"{__package__}._suggest") is not None:
-            try:
-                from ._suggest import SuggestionList
+        # The suggestion list, fed the model and its uncertainty pass after every run.
+        from ._suggest import SuggestionList
 
-                box = QGroupBox("Slices to annotate next")
-                v = QVBoxLayout(box)
-                self.suggestions = SuggestionList(self.viewer)
-                v.addWidget(self.suggestions)
-                lay.addWidget(box)
-            except Exception as exc:  # a broken optional part must not break training
-                self.status.setText(f"suggestion list unavailable: {exc}")
+        box = QGroupBox("Slices to annotate next")
+        v = QVBoxLayout(box)
+        self.suggestions = SuggestionList(self.viewer)
+        v.addWidget(self.suggestions)
+        lay.addWidget(box)
         lay.addStretch(1)
         try:
             self.refresh_runs()
@@ -436,6 +438,7 @@ class TrainWidget(QWidget):
             preview_every=self.preview_every,
         )
         out_dir = _jobs.new_out_dir() if (self.backend == "process" or lazy) else None
+        sugg = self.suggestions
         return _jobs.TrainJob(
             image=image,
             labels=labels,
@@ -446,6 +449,9 @@ class TrainWidget(QWidget):
             device=self.device_combo.currentText(),
             train=train,
             out_dir=out_dir,
+            # The suggestion list's pass runs in the worker too, not in the viewer's process.
+            uncertainty=sugg is not None and labels_layer is not None,
+            tta=sugg is not None and sugg.tta_check.isChecked(),
         )
 
     # ================================================================== running
@@ -513,10 +519,11 @@ class TrainWidget(QWidget):
             self.status.setText("Stopping training...")
 
     def _on_progress(self, p) -> None:
-        if p.phase == "predict":
-            if self.phase != "predict":
-                self.phase = "predict"
-                self.progress.setFormat("predicting %v/%m slices")
+        if p.phase != "train":  # "predict", then "uncertainty" for the suggestion list
+            self.phase = "predict"
+            fmt = "uncertainty %v/%m slices" if p.phase == "uncertainty" else "predicting %v/%m slices"
+            if self.progress.format() != fmt:
+                self.progress.setFormat(fmt)
             self.progress.setRange(0, max(1, p.total or 1))
             self.progress.setValue(p.step)
             return
@@ -562,7 +569,7 @@ class TrainWidget(QWidget):
             outputs = result.outputs
             if result.out_dir and not all(_is_numpy(v) or hasattr(v, "dask") for v in outputs.values()):
                 outputs = _jobs.open_outputs(result.out_dir, load=False)  # zarr -> dask
-            self._show_outputs(outputs)
+            self._queue_display(*self._output_steps(outputs))
             # Older lazy outputs are no longer shown: drop their folders.
             for d in self._lazy_dirs:
                 _jobs.remove_dir(d)
@@ -581,10 +588,43 @@ class TrainWidget(QWidget):
         self.status.setText(msg)
         self.continue_check.setChecked(True)
         if self.suggestions is not None and self.labels_layer is not None:
-            try:
-                self.suggestions.set_model(self.model, self.viewer.layers[self.model_image], self.labels_layer)
-            except Exception as exc:
-                self.status.setText(f"{msg}; suggestion list failed: {exc}")
+            self._queue_display(lambda: self._feed_suggestions(result, msg))
+
+    def _feed_suggestions(self, result: _jobs.JobResult, msg: str) -> None:
+        if self.model is not result.model or self.model_image not in self.viewer.layers:
+            return  # a newer run or a removed layer: nothing to show
+        image = self.viewer.layers[self.model_image]
+        try:
+            if result.uncertainty is not None:
+                self.suggestions.set_result(self.model, image, self.labels_layer, result.uncertainty)
+            else:
+                self.suggestions.set_model(self.model, image, self.labels_layer)
+        except Exception as exc:
+            self.status.setText(f"{msg}; suggestion list failed: {exc}")
+
+    # ------------------------------------------------------------------ staged display
+    @property
+    def busy(self) -> bool:
+        """True while a job runs, a finished run is still being shown or suggestions compute."""
+        sugg_busy = self.suggestions is not None and self.suggestions.busy
+        return self.worker is not None or bool(self._display) or sugg_busy
+
+    def _queue_display(self, *steps) -> None:
+        """Run ``steps`` on the GUI thread one per event-loop turn, in order."""
+        self._display.extend(steps)
+        if not self._display_timer.isActive():
+            self._display_timer.start()
+
+    def _display_next(self) -> None:
+        if not self._display:
+            return
+        step = self._display.popleft()
+        try:
+            step()
+        except Exception as exc:  # a layer that cannot be shown must not drop the others
+            self._report_error(exc)
+        if self._display:
+            self._display_timer.start()
 
     def _on_finished(self) -> None:
         self.worker = None
@@ -614,39 +654,51 @@ class TrainWidget(QWidget):
 
     # ================================================================== outputs
     def _show_outputs(self, outputs: dict) -> None:
+        """Show a run's outputs as layers at once (tests, scripts); the widget stages them."""
+        for step in self._output_steps(outputs):
+            step()
+
+    def _output_steps(self, outputs: dict) -> list:
+        """One callable per overlay layer (added or updated in place), then the tidying up."""
         name = self._job_image_name
-        like = self.viewer.layers[name] if name in self.viewer.layers else None
         created = set()
 
         def put(suffix, data, kind, **kw):
-            full = f"{name} {suffix}"
-            if full not in self.viewer.layers:
-                created.add(full)
-            else:
-                kw = {k: v for k, v in kw.items() if k not in ("visible", "colormap", "opacity", "blending")}
-            return upsert(self.viewer, full, data, kind, like=like, **kw)
+            def step():
+                like = self.viewer.layers[name] if name in self.viewer.layers else None
+                full = f"{name} {suffix}"
+                if full not in self.viewer.layers:
+                    created.add(full)
+                    opts = kw
+                else:  # keep the user's display choices on an existing layer
+                    opts = {k: v for k, v in kw.items() if k not in ("visible", "colormap", "opacity", "blending")}
+                upsert(self.viewer, full, data, kind, like=like, **opts)
 
-        put("prediction", outputs["mask"], "labels", opacity=0.5)
+            return step
+
+        steps = [put("prediction", outputs["mask"], "labels", opacity=0.5)]
         probs = outputs["probabilities"]
         prob = probs[1] if probs.shape[0] == 2 else probs[1:]
-        put("probability", prob, "image", colormap="magma", blending="additive", visible=False,
-            contrast_limits=(0.0, 1.0))
-        kinds = self.model.method.outputs
-        for out_name, kind in kinds.items():
+        steps.append(put("probability", prob, "image", colormap="magma", blending="additive", visible=False,
+                         contrast_limits=(0.0, 1.0)))
+        for out_name, kind in self.model.method.outputs.items():
             data = outputs[out_name]
             if data.ndim == 4 and data.shape[0] == 1:
                 data = data[0]
-            if kind == "difference":
-                put(out_name, data, "image", colormap="PiYG", visible=False)
-            else:
-                put(out_name, data, "image", colormap="gray", visible=False)
-        preview = f"{name} preview"
-        if preview in self.viewer.layers:
-            self.viewer.layers[preview].visible = False
-        # Keep the user's labels on top of the overlays so painting stays visible.
-        labels = self.labels_layer
-        if labels is not None and created:
-            self.viewer.layers.move(self.viewer.layers.index(labels), len(self.viewer.layers))
+            cmap = "PiYG" if kind == "difference" else "gray"
+            steps.append(put(out_name, data, "image", colormap=cmap, visible=False))
+
+        def tidy():
+            preview = f"{name} preview"
+            if preview in self.viewer.layers:
+                self.viewer.layers[preview].visible = False
+            # Keep the user's labels on top of the overlays so painting stays visible.
+            labels = self.labels_layer
+            if labels is not None and created:
+                self.viewer.layers.move(self.viewer.layers.index(labels), len(self.viewer.layers))
+
+        steps.append(tidy)
+        return steps
 
     def prediction_layer(self):
         name = f"{self.model_image} prediction"

@@ -1,0 +1,63 @@
+"""Training jobs (no Qt): the suggestion list's uncertainty pass runs inside the job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semiseg.engine import TrainConfig, run
+from semiseg.napari import _jobs
+from semiseg.suggest import uncertainty_volume
+
+from tests._util import TINY_PARAMS
+
+
+def _job(phantom, tmp_path, *, uncertainty: bool, out_dir: bool) -> _jobs.TrainJob:
+    return _jobs.TrainJob(
+        image=phantom.image[None],
+        labels=phantom.labels.copy(),
+        tags=phantom.tags,
+        params=dict(TINY_PARAMS),
+        config=TrainConfig(steps=2, batch_size=2, crop=32, seed=0),
+        device="cpu",
+        out_dir=str(tmp_path / "job") if out_dir else None,
+        uncertainty=uncertainty,
+    )
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_job_returns_the_uncertainty_of_its_model(phantom, tmp_path, backend):
+    job = _job(phantom, tmp_path, uncertainty=True, out_dir=backend == "process")
+    if job.out_dir:
+        (tmp_path / "job").mkdir()
+    phases = []
+    control = _jobs.JobControl()
+    if backend == "thread":
+        result = run(_jobs.iter_job(job, control), lambda p: phases.append(p.phase))
+    else:
+        pool = _jobs.ProcessPool(threads=1, nice=0)
+        try:
+            result = run(_jobs.iter_job_process(job, control, pool=pool), lambda p: phases.append(p.phase))
+        finally:
+            pool.shutdown()
+    assert phases.index("train") < phases.index("predict") < phases.index("uncertainty")
+    unc = result.uncertainty
+    assert unc is not None and unc.axis == 0 and unc.mass.shape == (phantom.image.shape[0],)
+    expected = uncertainty_volume(result.model, phantom.image)
+    np.testing.assert_allclose(np.asarray(unc.uncertainty), expected, rtol=1e-4, atol=1e-5)
+    assert unc.peak == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+def test_job_without_uncertainty_or_when_cancelled(phantom, tmp_path):
+    result = run(_jobs.iter_job(_job(phantom, tmp_path, uncertainty=False, out_dir=False), _jobs.JobControl()))
+    assert result.outputs is not None and result.uncertainty is None
+
+    control = _jobs.JobControl()
+
+    def cancel_in_uncertainty(p):
+        if p.phase == "uncertainty":
+            control.cancel.set()
+
+    result = run(_jobs.iter_job(_job(phantom, tmp_path, uncertainty=True, out_dir=False), control),
+                 cancel_in_uncertainty)
+    assert result.uncertainty is None
