@@ -55,6 +55,19 @@ def test_time_budget_stops_early(tiny_phantom):
     assert model.history[-1]["seconds"] < 10
 
 
+def test_should_stop_ends_training_between_steps(tiny_phantom):
+    s = tiny_phantom
+    seen = []
+    cfg = TrainConfig(steps=1000, batch_size=2, crop=32)
+    model = run(
+        iter_train(s.image, s.labels, params=TINY_PARAMS, config=cfg, should_stop=lambda: len(seen) >= 4),
+        seen.append,
+    )
+    # Records for steps 0..3 arrive before the 4th check says stop: 3 steps were trained.
+    assert model.history[-1]["steps"] == model.method.step == 3
+    assert cfg.steps == 1000  # the config is not touched
+
+
 def test_continue_training_keeps_normaliser_and_counts_steps(tiny_phantom, tiny_config):
     s = tiny_phantom
     model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=tiny_config)

@@ -199,6 +199,7 @@ def iter_train(
     device: str | torch.device = "auto",
     preview_index: Callable[[], int | None] | None = None,
     amp: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[Progress, None, Model]:
     """Train a model, yielding :class:`Progress`; the generator returns the :class:`Model`.
 
@@ -223,6 +224,9 @@ def iter_train(
         Returns the slice to preview (e.g. the viewer's current slice) or None.
     amp : bool
         Mixed precision on CUDA.
+    should_stop : callable, optional
+        Checked before every step; when it returns True training ends there and the generator
+        returns the model trained so far (a GUI's Stop button). Single-process only.
 
     Raises
     ------
@@ -285,7 +289,7 @@ def iter_train(
     try:
         while step < config.steps and not (
             distributed.any_true(clock() >= deadline) if multi and deadline < math.inf else clock() >= deadline
-        ):
+        ) and not (should_stop is not None and should_stop()):
             try:
                 arrays = sampler.sample(rng, needs)
             except InputError:

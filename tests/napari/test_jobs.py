@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests._util import TINY_PARAMS
 
 from semiseg.engine import TrainConfig, run
 from semiseg.napari import _jobs
 from semiseg.suggest import uncertainty_volume
-
-from tests._util import TINY_PARAMS
 
 
 def _job(phantom, tmp_path, *, uncertainty: bool, out_dir: bool) -> _jobs.TrainJob:

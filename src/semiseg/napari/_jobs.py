@@ -14,10 +14,9 @@ No Qt here. A job is a generator of :class:`~semiseg.engine.Progress` (``phase="
 ``"thread"``
     :func:`iter_job` runs in the worker thread itself (used by scripts and as a fallback).
 
-Stopping: ``control.stop_training`` ends training at the next step (the engine re-reads
-``config.steps`` every step, so lowering it ends the loop cleanly and the generator returns
-the model trained so far), then the volume is still predicted; ``control.cancel`` also
-abandons prediction.
+Stopping: ``control.stop_training`` ends training before the next step (the engine's
+``should_stop`` callback; the generator returns the model trained so far), then the volume is
+still predicted; ``control.cancel`` also abandons prediction.
 """
 
 from __future__ import annotations
@@ -229,17 +228,9 @@ def _train(job: TrainJob, control: JobControl, model: Model | None, config: Trai
         model=model,
         device=job.device,
         preview_index=control.preview_index,
+        should_stop=lambda: control.stop_training.is_set() or control.cancel.is_set(),
     )
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield p
-        if control.stop_training.is_set() or control.cancel.is_set():
-            # iter_train checks ``step < config.steps`` before every step: lowering it ends the
-            # loop cleanly and the generator returns the model trained so far.
-            config.steps = p.step
+    return (yield from gen)
 
 
 def _zarr_outputs(out_dir: str, model: Model, image_shape: tuple, names: tuple) -> dict:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections import deque
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 
 import numpy as np
