@@ -653,11 +653,6 @@ class TrainWidget(QWidget):
         show_error(text)
 
     # ================================================================== outputs
-    def _show_outputs(self, outputs: dict) -> None:
-        """Show a run's outputs as layers at once (tests, scripts); the widget stages them."""
-        for step in self._output_steps(outputs):
-            step()
-
     def _output_steps(self, outputs: dict) -> list:
         """One callable per overlay layer (added or updated in place), then the tidying up."""
         name = self._job_image_name
