@@ -130,6 +130,18 @@ def save_run(
     return _info(path, cfg)
 
 
+def run_info(path: str | Path) -> RunInfo:
+    """Describe the stored run ``path``.
+
+    Raises
+    ------
+    ModelFileError
+        When the file is not a readable model file.
+    """
+    path = Path(path)
+    return _info(path, _read_config(path))
+
+
 def _read_config(path: Path) -> dict:
     import torch
 

@@ -24,9 +24,12 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     assert pred.data.shape == labels.data.shape
     assert prob.data.shape == labels.data.shape
     assert float(np.max(prob.data)) <= 1.0
-    # The preview of the viewed slice was shown during training.
-    assert "phantom preview" in viewer.layers
+    # The preview of the viewed slice was shown during training; at the end that layer became
+    # the prediction layer (cheaper than adding one), so no stale preview is left.
     assert w.first_preview_after is not None
+    assert "phantom preview" not in viewer.layers
+    # The user's labels stay on top of the overlays.
+    assert viewer.layers.index(labels) > viewer.layers.index(pred)
     # Loss plot received the named losses.
     assert set(w.loss_plot.series) == {"dice", "ce"}
     assert labels_hash(labels) == before  # training never writes to the labels
@@ -42,6 +45,7 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     assert viewer.layers["phantom prediction"] is pred
     assert viewer.layers["phantom probability"] is prob
     assert [ly.name for ly in viewer.layers].count("phantom prediction") == 1
+    assert not viewer.layers["phantom preview"].visible  # the retrain's preview, hidden at the end
     assert w.model.method.step == 5
     assert labels_hash(labels) == before
 
@@ -257,3 +261,16 @@ def test_run_is_shown_one_step_per_event_loop_turn(qtbot, make_train_widget, sam
     # Three timer turns apart (first, broken, last): events are processed in between.
     assert done[1] - done[0] >= 2 * 0.5 * DISPLAY_STEP_MS / 1000
     assert isinstance(w.last_error, ValueError)
+
+
+def test_run_store_that_cannot_be_written_does_not_fail_training(qtbot, make_train_widget, run_and_wait, sample_viewer, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the runs folder should be")
+    monkeypatch.setenv("SEMISEG_RUNS_DIR", str(blocker / "runs"))
+    w = make_train_widget(sample_viewer, steps=2)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model is not None and "phantom prediction" in sample_viewer.layers
+    assert w.last_result.run is None and "runs folder" in w.last_result.run_error
+    assert "run not kept" in w.status.text()
+    assert w.runs_combo.count() == 0

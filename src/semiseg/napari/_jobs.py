@@ -40,7 +40,8 @@ import numpy as np
 from ..data import InputError
 from ..engine import Progress, TrainConfig, TrainingError, iter_train
 from ..inference import iter_predict_volume
-from ..model import Model
+from ..model import Model, ModelFileError
+from ..runs import RunInfo, run_info, save_run
 from ..suggest import UncertaintyResult, iter_uncertainty
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class TrainJob:
         viewer process does not run a second whole-volume pass.
     tta : bool
         Test-time augmentation for that uncertainty pass.
+    runs_dir : str or None
+        Keep the trained model as a new run in this run store (:func:`semiseg.runs.save_run`),
+        written by the worker so the viewer does not wait for the file.
     """
 
     image: Any
@@ -103,6 +107,7 @@ class TrainJob:
     out_dir: str | None = None
     uncertainty: bool = False
     tta: bool = False
+    runs_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -123,6 +128,10 @@ class JobResult:
         Folder still backing lazy outputs (zarr), if any.
     uncertainty : UncertaintyResult or None
         The suggestion list's uncertainty pass, when the job asked for it and was not cancelled.
+    run : RunInfo or None
+        The run kept in ``job.runs_dir``.
+    run_error : str or None
+        Why the run could not be kept (training itself succeeded).
     """
 
     model: Model
@@ -131,6 +140,8 @@ class JobResult:
     device: str
     out_dir: str | None = None
     uncertainty: UncertaintyResult | None = None
+    run: RunInfo | None = None
+    run_error: str | None = None
 
 
 class JobControl:
@@ -147,12 +158,14 @@ def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> 
     """Train (continuing ``model`` when given), then predict the volume; yields Progress."""
     config = copy.copy(job.config)
     stopped = False
+    run = run_error = None
     if not job.train:
         if model is None:
             raise InputError("predicting needs a model: train one or load a model file")
     else:
         model = yield from _train(job, control, model, config)
         stopped = control.stop_training.is_set() or control.cancel.is_set()
+        run, run_error = _keep_run(job, model)
     device = str(model.method.device)
     outputs = None
     if job.predict and not control.cancel.is_set():
@@ -177,7 +190,17 @@ def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> 
         import torch
 
         torch.cuda.empty_cache()
-    return JobResult(model, outputs, stopped, device, job.out_dir, unc)
+    return JobResult(model, outputs, stopped, device, job.out_dir, unc, run, run_error)
+
+
+def _keep_run(job: TrainJob, model: Model):
+    """Save the trained model as a run of ``job.runs_dir``: (RunInfo, None) or (None, error)."""
+    if not job.runs_dir or not model.history:
+        return None, None
+    try:
+        return save_run(model, Path(job.runs_dir) / "model.pt", job.runs_dir), None
+    except (InputError, OSError) as exc:
+        return None, str(exc)
 
 
 def _uncertainty(job: TrainJob, control: JobControl, model: Model):
@@ -409,14 +432,21 @@ def iter_job_process(
                     raise InputError(text)
                 raise TrainingError(f"{name}: {text}")
             elif kind == "done":
-                _, model_path, stopped, device, predicted, unc = msg
+                _, model_path, stopped, device, predicted, unc, run_path, run_error = msg
                 t0 = time.perf_counter()
                 trained = Model.load(model_path, device="cpu")
                 log.debug("model loaded in %.2f s", time.perf_counter() - t0)
                 outputs = open_outputs(str(out_dir), load=load_outputs) if predicted else None
                 if unc is not None:
                     unc = open_uncertainty(str(out_dir), *unc, load=load_outputs)
-                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc)
+                run = None
+                if run_path:
+                    try:
+                        run = run_info(run_path)
+                    except ModelFileError as exc:
+                        run_error = str(exc)
+                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc,
+                                 run, run_error)
     finally:
         h.close()
 
@@ -452,7 +482,9 @@ def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int =
         path = result.model.save(Path(job.out_dir) / "model.pt")
         unc = result.uncertainty
         unc = None if unc is None else (unc.mass, unc.axis, unc.peak)  # the map stays in the zarr group
-        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None, unc))
+        run_path = str(result.run.path) if result.run is not None else None
+        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None, unc,
+                  run_path, result.run_error))
     except BaseException as exc:  # reported to the viewer, never lost
         msgs.put(("error", type(exc).__name__, str(exc) or repr(exc)))
     finally:

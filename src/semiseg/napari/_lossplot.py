@@ -12,23 +12,25 @@ COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 class LossPlot(QWidget):
-    """Curves of each named loss against the step, on a log scale, repainted at most 5x/s.
+    """Curves of each named loss against the step, on a log scale.
 
-    ``add(step, losses)`` only stores points (cheap); a timer repaints when something changed.
+    ``add(step, losses)`` only stores points (cheap); :meth:`flush` repaints when something
+    changed, every ``repaint_ms`` on its own timer or when the owner calls it.
     At most ``max_points`` points per curve are kept (older ones are thinned by 2).
     """
 
-    def __init__(self, parent=None, *, max_points: int = 2000):
+    def __init__(self, parent=None, *, max_points: int = 2000, repaint_ms: int | None = 200):
         super().__init__(parent)
         self.setMinimumHeight(120)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.max_points = max_points
         self.series: dict[str, list[tuple[int, float]]] = {}
         self._dirty = False
-        self._timer = QTimer(self)
-        self._timer.setInterval(200)
-        self._timer.timeout.connect(self._maybe_update)
-        self._timer.start()
+        if repaint_ms:  # otherwise the owner calls flush() (to repaint with its other widgets)
+            self._timer = QTimer(self)
+            self._timer.setInterval(repaint_ms)
+            self._timer.timeout.connect(self.flush)
+            self._timer.start()
 
     def clear(self) -> None:
         self.series.clear()
@@ -46,7 +48,8 @@ class LossPlot(QWidget):
                 del pts[1::2]
         self._dirty = True
 
-    def _maybe_update(self) -> None:
+    def flush(self) -> None:
+        """Schedule a repaint if points were added since the last one."""
         if self._dirty and self.isVisible():
             self._dirty = False
             self.update()

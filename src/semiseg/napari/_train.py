@@ -11,7 +11,10 @@ reverts it.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import os
+import threading
 import time
 import weakref
 from collections import deque
@@ -53,6 +56,26 @@ LAZY_BYTES = 512 * 2**20
 #: Pause between the GUI-thread steps that show a finished run (adding a layer costs napari
 #: ~150 ms with software rendering; one per event-loop turn keeps each freeze short).
 DISPLAY_STEP_MS = 10
+#: Progress bar, status line and loss plot are refreshed together at most this often: with
+#: software rendering every repaint of the window costs ~15-20 ms, whatever changed.
+UI_REFRESH_MS = 500
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No automatic garbage collection inside the block.
+
+    A full collection of a viewer process with napari and torch loaded takes ~200 ms here;
+    if one starts inside a layer insertion (which allocates a lot) the two add up to a visible
+    freeze. Pausing it for the ~100 ms of one display step lets it run in a later turn on its own.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _relay(gen):
@@ -118,6 +141,10 @@ class TrainWidget(QWidget):
         self._display_timer.setSingleShot(True)
         self._display_timer.setInterval(DISPLAY_STEP_MS)
         self._display_timer.timeout.connect(self._display_next)
+        self._latest = None  # newest Progress not yet shown
+        self._ui_timer = QTimer(self)
+        self._ui_timer.setInterval(UI_REFRESH_MS)
+        self._ui_timer.timeout.connect(self._flush_progress)
         self.pool = _jobs.ProcessPool(threads=1) if self.backend == "process" else None
         self._build_ui()
         self.viewer.layers.events.inserted.connect(self._sync_layers)
@@ -213,7 +240,7 @@ class TrainWidget(QWidget):
         self.status = QLabel("Idle")
         self.status.setWordWrap(True)
         lay.addWidget(self.status)
-        self.loss_plot = LossPlot()
+        self.loss_plot = LossPlot(repaint_ms=None)  # repainted by _flush_progress
         lay.addWidget(self.loss_plot)
 
         box = QGroupBox("Correct")
@@ -449,6 +476,7 @@ class TrainWidget(QWidget):
             device=self.device_combo.currentText(),
             train=train,
             out_dir=out_dir,
+            runs_dir=str(self.runs_dir) if train else None,
             # The suggestion list's pass runs in the worker too, not in the viewer's process.
             uncertainty=sugg is not None and labels_layer is not None,
             tta=sugg is not None and sugg.tta_check.isChecked(),
@@ -519,23 +547,47 @@ class TrainWidget(QWidget):
             self.status.setText("Stopping training...")
 
     def _on_progress(self, p) -> None:
+        """Store a Progress record; widgets are refreshed by :meth:`_flush_progress`."""
         if p.phase != "train":  # "predict", then "uncertainty" for the suggestion list
             self.phase = "predict"
-            fmt = "uncertainty %v/%m slices" if p.phase == "uncertainty" else "predicting %v/%m slices"
-            if self.progress.format() != fmt:
-                self.progress.setFormat(fmt)
-            self.progress.setRange(0, max(1, p.total or 1))
-            self.progress.setValue(p.step)
-            return
-        if p.total:
-            self.progress.setRange(0, p.total)
-        self.progress.setValue(min(p.step, p.total or p.step))
-        if p.losses:
+        elif p.losses:
             self.loss_plot.add(self._plot_offset + p.step, p.losses)
+        self._latest = p
+        if p.phase == "train" and p.preview is not None and p.preview_index is not None:
+            with _gc_paused():
+                self._show_preview(p.preview, p.preview_index)
+            self._flush_progress()  # one repaint for the preview and the widgets
+        elif not self._ui_timer.isActive():
+            self._flush_progress()  # the first record at once, then at most every UI_REFRESH_MS
+            self._ui_timer.start()
+
+    def _flush_progress(self) -> None:
+        """Show the newest Progress record: progress bar, status line, loss plot."""
+        p, self._latest = self._latest, None
+        if p is None:
+            if self.worker is None:
+                self._ui_timer.stop()
+            return
+        # QProgressBar.setValue repaints synchronously; with updates disabled it only marks
+        # itself dirty, so everything below is drawn in one paint event.
+        self.progress.setUpdatesEnabled(False)
+        try:
+            if p.phase != "train":
+                fmt = "uncertainty %v/%m slices" if p.phase == "uncertainty" else "predicting %v/%m slices"
+                if self.progress.format() != fmt:
+                    self.progress.setFormat(fmt)
+                self.progress.setRange(0, max(1, p.total or 1))
+                self.progress.setValue(p.step)
+                return
+            if p.total:
+                self.progress.setRange(0, p.total)
+            self.progress.setValue(min(p.step, p.total or p.step))
+        finally:
+            self.progress.setUpdatesEnabled(True)
+        if p.losses:
             text = ", ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
             self.status.setText(f"step {p.step}/{p.total} · {p.elapsed:.0f} s · {text}")
-        if p.preview is not None and p.preview_index is not None:
-            self._show_preview(p.preview, p.preview_index)
+        self.loss_plot.flush()
 
     def _show_preview(self, preview: np.ndarray, index: int) -> None:
         like = self.viewer.layers[self._job_image_name] if self._job_image_name in self.viewer.layers else None
@@ -559,6 +611,7 @@ class TrainWidget(QWidget):
             self._report_error(payload)
             return
         result: _jobs.JobResult = payload
+        self._flush_progress()
         self.last_result = result
         self.model = result.model
         self.model_image = self._job_image_name
@@ -580,15 +633,20 @@ class TrainWidget(QWidget):
             msg = f"Predicted on {result.device}"
         if result.outputs is None:
             msg += "; prediction cancelled"
-        if getattr(self, "_job_trains", False) and result.model.history:
-            try:
-                self.keep_run(result.model)
-            except InputError as exc:
-                msg += f"; run not kept: {exc}"
         self.status.setText(msg)
         self.continue_check.setChecked(True)
+        if result.run is not None:
+            self._queue_display(lambda: self._list_new_run(result.run))
+        elif result.run_error:
+            self.status.setText(f"{msg}; run not kept: {result.run_error}")
         if self.suggestions is not None and self.labels_layer is not None:
             self._queue_display(lambda: self._feed_suggestions(result, msg))
+
+    def _list_new_run(self, info) -> None:
+        """Put a run the job kept at the top of the runs list (no re-listing of the store)."""
+        self.runs_combo.insertItem(0, info.describe(), str(info.path))
+        self.runs_combo.setCurrentIndex(0)
+        self._update_buttons()
 
     def _feed_suggestions(self, result: _jobs.JobResult, msg: str) -> None:
         if self.model is not result.model or self.model_image not in self.viewer.layers:
@@ -620,7 +678,8 @@ class TrainWidget(QWidget):
             return
         step = self._display.popleft()
         try:
-            step()
+            with _gc_paused():
+                step()
         except Exception as exc:  # a layer that cannot be shown must not drop the others
             self._report_error(exc)
         if self._display:
@@ -630,8 +689,11 @@ class TrainWidget(QWidget):
         self.worker = None
         self.phase = "idle"
         if self._job_dir and not self._job_lazy:
-            _jobs.remove_dir(self._job_dir)
+            # Outputs were loaded into memory; delete the job's files off the GUI thread.
+            threading.Thread(target=_jobs.remove_dir, args=(self._job_dir,), daemon=True).start()
         self._job_dir = None
+        self._flush_progress()
+        self._ui_timer.stop()
         self._update_buttons()
         if self.pool is not None:
             # Warm the next worker a little later, not while the results are being drawn.
@@ -662,7 +724,17 @@ class TrainWidget(QWidget):
             def step():
                 like = self.viewer.layers[name] if name in self.viewer.layers else None
                 full = f"{name} {suffix}"
-                if full not in self.viewer.layers:
+                preview = f"{name} preview"
+                if full not in self.viewer.layers and kind == "labels" and preview in self.viewer.layers:
+                    # Adding a layer costs napari far more than renaming one: the preview
+                    # layer becomes the prediction layer (a new preview comes with the next run).
+                    layer = self.viewer.layers[preview]
+                    layer.name = full
+                    layer.visible = True
+                    layer.opacity = kw.get("opacity", layer.opacity)
+                    created.add(full)
+                    opts = {}
+                elif full not in self.viewer.layers:
                     created.add(full)
                     opts = kw
                 else:  # keep the user's display choices on an existing layer
