@@ -1,9 +1,10 @@
 """Is the viewer fluid while the Train widget trains and predicts?
 
 A 5 ms QTimer "heartbeat" records the gaps between its ticks on napari's GUI thread: first with
-napari idle (baseline), then from pressing **Train** until the whole-volume prediction is shown,
-while the viewed slice changes every 100 ms (as when a user scrolls). A gap is the longest time
-the GUI could not react. Also reported: time from pressing Train to the first preview on the
+napari idle (baseline), then from pressing **Train** until the run is fully shown (prediction
+layers added, suggestion list filled). By default the viewed slice changes every 100 ms in every
+phase, as when a user scrolls all the time; ``--no-scroll`` measures a user who watches. A gap
+is the longest time the GUI could not react. Also reported: time from pressing Train to the first preview on the
 canvas, and how long Stop takes to end training.
 
 Run under a display, e.g. (software rendering)::
