@@ -5,7 +5,10 @@ start from 1 annotated slice (the middle slice holding foreground), then add one
 round, up to ``--max-slices``, chosen by
 
 ``suggest``
-    the top slice of :func:`semiseg.suggest.suggest_slices` with the current model;
+    the top slice of :func:`semiseg.suggest.suggest_slices` with the current model (uncertainty
+    mass weighted by information density, the default);
+``uncertainty``
+    the same with ``density_weight=0``: uncertainty mass alone (the ablation);
 ``even``
     the middle of the largest gap between annotated slices (the volume ends count as gaps),
     i.e. labels spread evenly through the stack;
@@ -56,7 +59,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "active_learning.jsonl"
-STRATEGIES = ("suggest", "even", "random")
+STRATEGIES = ("suggest", "uncertainty", "even", "random")
 
 
 def pick_even(annotated: np.ndarray, n: int) -> int:
@@ -73,8 +76,11 @@ def pick_even(annotated: np.ndarray, n: int) -> int:
 def pick(strategy: str, model, image, labels, tags, annotated, rng, args) -> int:
     from semiseg.suggest import suggest_slices
 
-    if strategy == "suggest":
-        return suggest_slices(model, image, labels, n=1, tags=tags, spacing=args.spacing)[0].index
+    if strategy in ("suggest", "uncertainty"):
+        weight = args.density_weight if strategy == "suggest" else 0.0
+        return suggest_slices(
+            model, image, labels, n=1, tags=tags, spacing=args.spacing, density_weight=weight
+        )[0].index
     if strategy == "even":
         return pick_even(annotated, len(annotated))
     if strategy == "random":
@@ -129,7 +135,7 @@ def run_seed(kind: str, seed: int, args) -> dict:
                 done = annotated_slices(st["labels"], st["tags"])
                 t0 = time.process_time()
                 i = pick(s, st["model"], image, st["labels"], st["tags"], done, rng[s], args)
-                if s == "suggest":
+                if s in ("suggest", "uncertainty"):
                     cpu["suggest"] += time.process_time() - t0
                 if truth[i].any():
                     st["labels"][i] = truth[i]
@@ -157,7 +163,7 @@ def run_seed(kind: str, seed: int, args) -> dict:
     return {
         "sample": kind, "seed": seed, "rounds": rounds, "minutes_per_round": args.minutes,
         "clock": "process", "threads": 1, "features": list(args.features), "crop": crop,
-        "batch_size": args.batch_size, "spacing": args.spacing,
+        "batch_size": args.batch_size, "spacing": args.spacing, "density_weight": args.density_weight,
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -182,24 +188,26 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
     samples = sorted({r["sample"] for r in runs}, key=lambda s: ("phantom", "digits").index(s))
     lines = []
     fig, axes = plt.subplots(2, len(samples), figsize=(5 * len(samples), 7), squeeze=False, sharex=True)
-    colours = {"suggest": "#d62728", "even": "#1f77b4", "random": "#7f7f7f"}
+    colours = {"suggest": "#d62728", "uncertainty": "#ff9896", "even": "#1f77b4", "random": "#7f7f7f"}
     for col, sample in enumerate(samples):
         rs = [r for r in runs if r["sample"] == sample]
+        # Older result files lack the "uncertainty" ablation: report what every run has.
+        strategies = [s for s in STRATEGIES if all(s in r["rounds"][0] for r in rs)]
         seeds = sorted(r["seed"] for r in rs)
         ks = [row["k"] for row in rs[0]["rounds"]]
         lines.append(f"### {sample} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n")
         for row_i, metric in enumerate(("dice", "dice_common")):
             title = "own unannotated slices" if metric == "dice" else "slices no strategy annotated"
             lines.append(f"Dice on {title} (mean ± std over seeds):\n")
-            lines.append("| annotated slices | " + " | ".join(STRATEGIES) + " |")
-            lines.append("|---|" + "---|" * len(STRATEGIES))
+            lines.append("| annotated slices | " + " | ".join(strategies) + " |")
+            lines.append("|---|" + "---|" * len(strategies))
             ax = axes[row_i][col]
-            for s in STRATEGIES:
+            for s in strategies:
                 d = np.array([[r["rounds"][i][s][metric] for i in range(len(ks))] for r in rs])
                 ax.errorbar(ks, d.mean(0), yerr=d.std(0), label=s, color=colours[s], marker="o", capsize=3)
             for i, k in enumerate(ks):
                 cells = []
-                for s in STRATEGIES:
+                for s in strategies:
                     d = np.array([r["rounds"][i][s][metric] for r in rs])
                     cells.append(f"{d.mean():.3f} ± {d.std():.3f}")
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
@@ -222,11 +230,11 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
             ]
             cells.append(f"{w[0]}/{len(rs)} / {w[1]}/{len(rs)}")
         lines.append("| wins | " + " | ".join(cells) + " |\n")
-        lines.append("Slices picked per seed (suggest | even | random):\n")
+        lines.append(f"Slices picked per seed ({' | '.join(strategies)}):\n")
         for r in sorted(rs, key=lambda r: r["seed"]):
             last = r["rounds"][-1]
             lines.append(
-                f"- seed {r['seed']}: " + " | ".join(str(last[s]["picks"]) for s in STRATEGIES)
+                f"- seed {r['seed']}: " + " | ".join(str(last[s]["picks"]) for s in strategies)
             )
         lines.append("")
     fig.tight_layout()
@@ -238,14 +246,16 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
         f"Budget: {r0['minutes_per_round']} CPU-minute(s) of training per round ({r0['clock']} clock, "
         f"{r0['threads']} thread), continuing from the current weights; supervised U-Net "
         f"features={tuple(r0['features'])}, batch {r0['batch_size']}, crops {r0['crop']} (digits <= 48); "
-        f"suggestion spacing {r0['spacing']}. Total CPU time {cpu:.1f} min.\n\nCommand:\n\n"
+        f"suggestion spacing {r0['spacing']}, density weight {r0.get('density_weight', 0.0)}. "
+        f"Total CPU time {cpu:.1f} min.\n\nCommand:\n\n"
         f"    {command}\n"
     )
     intro = (
         "# Benchmark: active learning with slice suggestions\n\n"
         "A simulated user starts from 1 annotated slice and adds one slice per round (truth copied "
         "in; an empty slice is tagged healthy instead), chosen by **suggest** (the top slice of "
-        "`semiseg.suggest.suggest_slices` with the current model), **even** (middle of the largest "
+        "`semiseg.suggest.suggest_slices` with the current model), **uncertainty** (the same with "
+        "`density_weight=0`: uncertainty mass alone), **even** (middle of the largest "
         "gap between annotated slices) or **random**. After each slice the supervised U-Net "
         "continues training from its current weights for a fixed CPU budget. Generated by "
         "`benchmarks/active_learning.py` (its docstring has the details).\n\n"
@@ -266,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--spacing", type=float, default=2.0, help="diversity length scale of suggest_slices")
+    p.add_argument("--density-weight", type=float, default=1.0,
+                   help="density exponent of the 'suggest' strategy ('uncertainty' uses 0)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate --out into the Markdown table and plot")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks-active-learning.md")

@@ -65,6 +65,8 @@ __all__ = [
     "format_suggestions",
     "iter_uncertainty",
     "rank_slices",
+    "slice_density",
+    "slice_descriptors",
     "slice_scores",
     "suggest_slices",
     "tta_forward",
@@ -111,12 +113,16 @@ class UncertaintyResult:
     peak : float or None
         Largest uncertainty of the volume (to set a display range without reading a lazy
         ``uncertainty`` again).
+    descriptors : (n_slices, D) float32 ndarray or None
+        A small thumbnail of every normalised slice (:func:`slice_descriptors`), for the
+        density weighting of :func:`rank_slices`.
     """
 
     uncertainty: object
     mass: np.ndarray
     axis: int
     peak: float | None = None
+    descriptors: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- TTA
@@ -243,6 +249,50 @@ def slice_scores(
     outside = np.where(roi, 0.0, u).reshape(len(u), -1).sum(1)
     n_out = (~roi).reshape(len(u), -1).sum(1)
     return inside + outside_weight * outside / np.maximum(n_out, 1)
+
+
+#: Side of the thumbnail that describes a slice for the density weighting.
+DESCRIPTOR_SIDE = 16
+#: At most this many slices serve as the reference set of :func:`slice_density`.
+DENSITY_REFERENCES = 512
+
+
+def slice_descriptors(x: np.ndarray, side: int = DESCRIPTOR_SIDE) -> np.ndarray:
+    """Thumbnails of normalised slices: ``(B, C, H, W)`` -> ``(B, C * side * side)`` float32.
+
+    Area averaging removes noise and texture, so two slices are close when their anatomy (what
+    is where, how bright) is alike.
+    """
+    t = torch.as_tensor(np.asarray(x, np.float32))
+    return torch.nn.functional.adaptive_avg_pool2d(t, side).flatten(1).numpy()
+
+
+def slice_density(descriptors: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """How typical each slice is of the volume: mean similarity to the other slices, in (0, 1].
+
+    Similarity is a Gaussian kernel on descriptor distances with the median squared distance
+    as bandwidth; the result is scaled so the most typical slice has density 1. Large volumes
+    are compared with a seeded sample of :data:`DENSITY_REFERENCES` slices.
+
+    This is the *information density* of Settles & Craven (2008): multiplied into an
+    uncertainty score it prefers uncertain slices that resemble many others over outliers
+    (e.g. the nearly empty end slices of a scan), whose labels teach the model little about
+    the rest of the volume.
+    """
+    d = np.asarray(descriptors, np.float64)
+    n = len(d)
+    if n < 2:
+        return np.ones(n)
+    ref = d
+    if n > DENSITY_REFERENCES:
+        ref = d[np.random.default_rng(seed).choice(n, DENSITY_REFERENCES, replace=False)]
+    sq = (d**2).sum(1)[:, None] + (ref**2).sum(1)[None] - 2 * d @ ref.T
+    sq = np.maximum(sq, 0.0)
+    positive = sq[sq > 1e-12]
+    if positive.size == 0:  # every slice alike
+        return np.ones(n)
+    dens = np.exp(-sq / (2 * np.median(positive))).mean(1)
+    return dens / dens.max()
 
 
 def annotated_slices(labels, tags=None, *, axis: int = 0) -> np.ndarray:
@@ -390,6 +440,7 @@ def iter_uncertainty(
     elif tuple(out.shape) != spatial:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {spatial}")
     mass = np.zeros(n, np.float64)
+    descriptors = None
     peak = 0.0
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="uncertainty")
@@ -401,12 +452,16 @@ def iter_uncertainty(
         x = model.normaliser(np.moveaxis(raw, axis + 1, 0), channel_axis=1)  # (B, C, H, W)
         unc, probs = uncertainty_slices(method, x, tta=tta)
         mass[s:e] = slice_scores(unc, probs, threshold=threshold, margin=margin, outside_weight=outside_weight)
+        desc = slice_descriptors(x)
+        if descriptors is None:
+            descriptors = np.zeros((n, desc.shape[1]), np.float32)
+        descriptors[s:e] = desc
         put = [slice(None)] * 3
         put[axis] = slice(s, e)
         out[tuple(put)] = np.moveaxis(unc, 0, axis)
         peak = max(peak, float(unc.max(initial=0.0)))
         yield Progress(e, n, {}, time.perf_counter() - start, phase="uncertainty")
-    return UncertaintyResult(out, mass, axis, peak)
+    return UncertaintyResult(out, mass, axis, peak, descriptors)
 
 
 def uncertainty_volume(model: Model, image, *, tta: bool = False, batch_size: int = 8) -> np.ndarray:
@@ -442,6 +497,7 @@ def suggest_slices(
     threshold: float = 0.1,
     margin: int = 4,
     outside_weight: float = 1.0,
+    density_weight: float = 1.0,
     result: UncertaintyResult | None = None,
 ) -> list[Suggestion]:
     """The unannotated slices most worth labelling next, best first.
@@ -464,6 +520,9 @@ def suggest_slices(
         Diversity length scale in slices (see :func:`rank_slices`).
     threshold, margin, outside_weight
         Region-of-interest settings of :func:`slice_scores`.
+    density_weight : float
+        Exponent of the information density (:func:`slice_density`) the uncertainty mass is
+        multiplied by; 0 ranks by uncertainty mass alone.
     result : UncertaintyResult, optional
         A finished :func:`iter_uncertainty` pass to reuse (e.g. after the labels changed but
         not the model); ``image`` is then not read.
@@ -480,6 +539,8 @@ def suggest_slices(
     """
     if n < 1:
         raise InputError("n must be at least 1")
+    if not 0 <= density_weight < np.inf:
+        raise InputError("density_weight must be >= 0 and finite")
     if result is None:
         spatial = tuple(as_channels(image).shape[1:])
     else:
@@ -493,8 +554,11 @@ def suggest_slices(
                 margin=margin, outside_weight=outside_weight,
             )
         )
+    scores = np.asarray(result.mass, np.float64)
+    if density_weight and result.descriptors is not None:
+        scores = scores * slice_density(result.descriptors) ** density_weight
     try:
-        return rank_slices(result.mass, n=n, exclude=done, spacing=spacing)
+        return rank_slices(scores, n=n, exclude=done, spacing=spacing)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 

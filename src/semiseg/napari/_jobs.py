@@ -226,7 +226,9 @@ def _uncertainty(job: TrainJob, control: JobControl, model: Model):
             return None
 
 
-def open_uncertainty(out_dir: str, mass, axis: int, peak: float | None, *, load: bool) -> UncertaintyResult:
+def open_uncertainty(
+    out_dir: str, mass, axis: int, peak: float | None, descriptors=None, *, load: bool
+) -> UncertaintyResult:
     """The uncertainty a worker wrote under ``out_dir``, as numpy (``load``) or dask."""
     import zarr
 
@@ -237,7 +239,7 @@ def open_uncertainty(out_dir: str, mass, axis: int, peak: float | None, *, load:
         import dask.array as da
 
         data = da.from_zarr(arr)
-    return UncertaintyResult(data, np.asarray(mass, np.float64), int(axis), peak)
+    return UncertaintyResult(data, np.asarray(mass, np.float64), int(axis), peak, descriptors)
 
 
 def _train(job: TrainJob, control: JobControl, model: Model | None, config: TrainConfig):
@@ -481,7 +483,8 @@ def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int =
         result = run(iter_job(job, control, model), lambda p: msgs.put(("progress", p)))
         path = result.model.save(Path(job.out_dir) / "model.pt")
         unc = result.uncertainty
-        unc = None if unc is None else (unc.mass, unc.axis, unc.peak)  # the map stays in the zarr group
+        # Small parts travel in the message; the map itself stays in the zarr group.
+        unc = None if unc is None else (unc.mass, unc.axis, unc.peak, unc.descriptors)
         run_path = str(result.run.path) if result.run is not None else None
         msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None, unc,
                   run_path, result.run_error))
