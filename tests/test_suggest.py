@@ -20,6 +20,8 @@ from semiseg.suggest import (
     annotated_slices,
     iter_uncertainty,
     rank_slices,
+    slice_density,
+    slice_descriptors,
     slice_scores,
     suggest_slices,
     tta_forward,
@@ -269,6 +271,52 @@ def test_iter_uncertainty_reports_progress():
     res = run(iter_uncertainty(pointwise_model(), image, batch_size=2), lambda p: steps.append(p.step))
     assert steps == [0, 2, 4, 5]
     assert res.mass.shape == (5,)
+
+
+def test_slice_descriptors_are_area_means():
+    x = np.arange(2 * 1 * 32 * 32, dtype=np.float32).reshape(2, 1, 32, 32)
+    d = slice_descriptors(x, side=16)
+    assert d.shape == (2, 256) and d.dtype == np.float32
+    np.testing.assert_allclose(d[0, 0], x[0, 0, :2, :2].mean())
+    np.testing.assert_allclose(d[1, -1], x[1, 0, -2:, -2:].mean())
+
+
+def test_slice_density_of_identical_slices_is_one_and_outliers_are_lower():
+    same = np.ones((6, 4))
+    np.testing.assert_array_equal(slice_density(same), np.ones(6))
+    assert slice_density(np.ones((1, 4))).tolist() == [1.0]
+    d = np.zeros((7, 4))
+    d[:6] += np.arange(6)[:, None] * 0.01  # a tight cluster of six slices
+    d[6] = 5.0  # and one unlike any other
+    dens = slice_density(d)
+    assert dens.max() == 1.0 and np.all(dens > 0)
+    assert dens[6] < 0.5 * dens[:6].min()
+    # Analytic case: two points at squared distance s; bandwidth = median positive = s, so
+    # each point's density is (1 + exp(-1/2)) / 2, scaled to 1.
+    np.testing.assert_allclose(slice_density(np.array([[0.0], [3.0]])), [1.0, 1.0])
+
+
+def test_density_weight_demotes_an_atypical_slice_of_equal_uncertainty():
+    from semiseg.suggest import UncertaintyResult
+
+    n = 9
+    mass = np.ones(n)
+    mass[[2, 8]] = 5.0  # two equally uncertain slices
+    desc = np.zeros((n, 4), np.float32)
+    desc[8] = 10.0  # slice 8 looks like no other slice (e.g. an end slice of the scan)
+    res = UncertaintyResult(np.zeros((n, 4, 4), np.float32), mass, 0, None, desc)
+    labels = np.zeros((n, 4, 4), np.uint8)
+    labels[5, 0, 0] = 1
+    plain = suggest_slices(_AxisModel(), None, labels, n=2, density_weight=0, result=res)
+    weighted = suggest_slices(_AxisModel(), None, labels, n=2, result=res)
+    assert {plain[0].index, plain[1].index} == {2, 8}  # mass alone cannot tell them apart
+    assert weighted[0].index == 2 and weighted[0].score > weighted[1].score
+    with pytest.raises(InputError):
+        suggest_slices(_AxisModel(), None, labels, density_weight=-1, result=res)
+
+
+class _AxisModel:
+    axis = 0
 
 
 def test_suggest_with_a_trained_model(trained):
