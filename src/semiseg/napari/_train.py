@@ -465,7 +465,6 @@ class TrainWidget(QWidget):
             preview_every=self.preview_every,
         )
         out_dir = _jobs.new_out_dir() if (self.backend == "process" or lazy) else None
-        sugg = self.suggestions
         return _jobs.TrainJob(
             image=image,
             labels=labels,
@@ -478,8 +477,8 @@ class TrainWidget(QWidget):
             out_dir=out_dir,
             runs_dir=str(self.runs_dir) if train else None,
             # The suggestion list's pass runs in the worker too, not in the viewer's process.
-            uncertainty=sugg is not None and labels_layer is not None,
-            tta=sugg is not None and sugg.tta_check.isChecked(),
+            uncertainty=labels_layer is not None,
+            tta=self.suggestions.tta_check.isChecked(),
         )
 
     # ================================================================== running
@@ -639,7 +638,7 @@ class TrainWidget(QWidget):
             self._queue_display(lambda: self._list_new_run(result.run))
         elif result.run_error:
             self.status.setText(f"{msg}; run not kept: {result.run_error}")
-        if self.suggestions is not None and self.labels_layer is not None:
+        if self.labels_layer is not None:
             self._queue_display(lambda: self._feed_suggestions(result, msg))
 
     def _list_new_run(self, info) -> None:
@@ -664,7 +663,7 @@ class TrainWidget(QWidget):
     @property
     def busy(self) -> bool:
         """True while a job runs, a finished run is still being shown or suggestions compute."""
-        sugg_busy = self.suggestions is not None and self.suggestions.busy
+        sugg_busy = self.suggestions.busy
         return self.worker is not None or bool(self._display) or sugg_busy
 
     def _queue_display(self, *steps) -> None:
