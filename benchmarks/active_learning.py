@@ -5,10 +5,11 @@ start from 1 annotated slice (the middle slice holding foreground), then add one
 round, up to ``--max-slices``, chosen by
 
 ``suggest``
-    the top slice of :func:`semiseg.suggest.suggest_slices` with the current model (uncertainty
-    mass weighted by information density, the default);
-``uncertainty``
-    the same with ``density_weight=0``: uncertainty mass alone (the ablation);
+    the top slice of :func:`semiseg.suggest.suggest_slices` with the current model (its
+    defaults: uncertainty mass, ``density_weight=0``);
+``suggest+density``
+    the same with ``density_weight=1``: uncertainty mass times information density (tried, see
+    docs/benchmarks-active-learning.md);
 ``even``
     the middle of the largest gap between annotated slices (the volume ends count as gaps),
     i.e. labels spread evenly through the stack;
@@ -59,7 +60,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "active_learning.jsonl"
-STRATEGIES = ("suggest", "uncertainty", "even", "random")
+STRATEGIES = ("suggest", "suggest+density", "even", "random")
 
 
 def pick_even(annotated: np.ndarray, n: int) -> int:
@@ -76,8 +77,8 @@ def pick_even(annotated: np.ndarray, n: int) -> int:
 def pick(strategy: str, model, image, labels, tags, annotated, rng, args) -> int:
     from semiseg.suggest import suggest_slices
 
-    if strategy in ("suggest", "uncertainty"):
-        weight = args.density_weight if strategy == "suggest" else 0.0
+    if strategy in ("suggest", "suggest+density"):
+        weight = args.density_weight if strategy == "suggest" else 1.0
         return suggest_slices(
             model, image, labels, n=1, tags=tags, spacing=args.spacing, density_weight=weight
         )[0].index
@@ -135,7 +136,7 @@ def run_seed(kind: str, seed: int, args) -> dict:
                 done = annotated_slices(st["labels"], st["tags"])
                 t0 = time.process_time()
                 i = pick(s, st["model"], image, st["labels"], st["tags"], done, rng[s], args)
-                if s in ("suggest", "uncertainty"):
+                if s in ("suggest", "suggest+density"):
                     cpu["suggest"] += time.process_time() - t0
                 if truth[i].any():
                     st["labels"][i] = truth[i]
@@ -173,7 +174,16 @@ def run_seed(kind: str, seed: int, args) -> dict:
 def load(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in runs:
+        if "uncertainty" in r["rounds"][0]:
+            # Runs made while density weighting was the default named the strategies
+            # "suggest" (density weight 1) and "uncertainty" (weight 0, today's default).
+            for row in r["rounds"]:
+                row["suggest+density"] = row.pop("suggest")
+                row["suggest"] = row.pop("uncertainty")
+            r["density_weight"] = 0.0
+    return runs
 
 
 def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
@@ -188,10 +198,10 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
     samples = sorted({r["sample"] for r in runs}, key=lambda s: ("phantom", "digits").index(s))
     lines = []
     fig, axes = plt.subplots(2, len(samples), figsize=(5 * len(samples), 7), squeeze=False, sharex=True)
-    colours = {"suggest": "#d62728", "uncertainty": "#ff9896", "even": "#1f77b4", "random": "#7f7f7f"}
+    colours = {"suggest": "#d62728", "suggest+density": "#ff9896", "even": "#1f77b4", "random": "#7f7f7f"}
     for col, sample in enumerate(samples):
         rs = [r for r in runs if r["sample"] == sample]
-        # Older result files lack the "uncertainty" ablation: report what every run has.
+        # Older result files lack the density ablation: report what every run has.
         strategies = [s for s in STRATEGIES if all(s in r["rounds"][0] for r in rs)]
         seeds = sorted(r["seed"] for r in rs)
         ks = [row["k"] for row in rs[0]["rounds"]]
@@ -254,8 +264,8 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
         "# Benchmark: active learning with slice suggestions\n\n"
         "A simulated user starts from 1 annotated slice and adds one slice per round (truth copied "
         "in; an empty slice is tagged healthy instead), chosen by **suggest** (the top slice of "
-        "`semiseg.suggest.suggest_slices` with the current model), **uncertainty** (the same with "
-        "`density_weight=0`: uncertainty mass alone), **even** (middle of the largest "
+        "`semiseg.suggest.suggest_slices` with the current model, default settings), **suggest+density** "
+        "(the same with `density_weight=1`), **even** (middle of the largest "
         "gap between annotated slices) or **random**. After each slice the supervised U-Net "
         "continues training from its current weights for a fixed CPU budget. Generated by "
         "`benchmarks/active_learning.py` (its docstring has the details).\n\n"
@@ -276,8 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--spacing", type=float, default=2.0, help="diversity length scale of suggest_slices")
-    p.add_argument("--density-weight", type=float, default=1.0,
-                   help="density exponent of the 'suggest' strategy ('uncertainty' uses 0)")
+    p.add_argument("--density-weight", type=float, default=0.0,
+                   help="density exponent of the 'suggest' strategy (the library default, 0); "
+                        "'suggest+density' uses 1")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate --out into the Markdown table and plot")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks-active-learning.md")

@@ -307,8 +307,8 @@ def test_density_weight_demotes_an_atypical_slice_of_equal_uncertainty():
     res = UncertaintyResult(np.zeros((n, 4, 4), np.float32), mass, 0, None, desc)
     labels = np.zeros((n, 4, 4), np.uint8)
     labels[5, 0, 0] = 1
-    plain = suggest_slices(_AxisModel(), None, labels, n=2, density_weight=0, result=res)
-    weighted = suggest_slices(_AxisModel(), None, labels, n=2, result=res)
+    plain = suggest_slices(_AxisModel(), None, labels, n=2, result=res)
+    weighted = suggest_slices(_AxisModel(), None, labels, n=2, density_weight=1, result=res)
     assert {plain[0].index, plain[1].index} == {2, 8}  # mass alone cannot tell them apart
     assert weighted[0].index == 2 and weighted[0].score > weighted[1].score
     with pytest.raises(InputError):

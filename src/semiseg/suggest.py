@@ -497,7 +497,7 @@ def suggest_slices(
     threshold: float = 0.1,
     margin: int = 4,
     outside_weight: float = 1.0,
-    density_weight: float = 1.0,
+    density_weight: float = 0.0,
     result: UncertaintyResult | None = None,
 ) -> list[Suggestion]:
     """The unannotated slices most worth labelling next, best first.
@@ -522,7 +522,8 @@ def suggest_slices(
         Region-of-interest settings of :func:`slice_scores`.
     density_weight : float
         Exponent of the information density (:func:`slice_density`) the uncertainty mass is
-        multiplied by; 0 ranks by uncertainty mass alone.
+        multiplied by; 0 (default) ranks by uncertainty mass alone. Off by default: in the
+        active-learning benchmark (docs/benchmarks-active-learning.md) weight 1 did worse.
     result : UncertaintyResult, optional
         A finished :func:`iter_uncertainty` pass to reuse (e.g. after the labels changed but
         not the model); ``image`` is then not read.
