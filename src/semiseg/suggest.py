@@ -523,7 +523,7 @@ def suggest_slices(
     density_weight : float
         Exponent of the information density (:func:`slice_density`) the uncertainty mass is
         multiplied by; 0 (default) ranks by uncertainty mass alone. Off by default: in the
-        active-learning benchmark (docs/benchmarks-active-learning.md) weight 1 did worse.
+        active-learning benchmark (docs/benchmarks-active-learning.md) weight 1 did worse on the phantom, slightly better on digits.
     result : UncertaintyResult, optional
         A finished :func:`iter_uncertainty` pass to reuse (e.g. after the labels changed but
         not the model); ``image`` is then not read.
