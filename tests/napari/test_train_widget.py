@@ -19,6 +19,7 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     run_and_wait(qtbot, w)
     assert w.last_error is None, w.last_error
     assert w.model is not None and w.model.history[-1]["steps"] == 3
+    assert w.status.text().startswith("Trained 3 steps on cpu")  # not "Predicted": it trained
     pred = viewer.layers["phantom prediction"]
     prob = viewer.layers["phantom probability"]
     assert pred.data.shape == labels.data.shape

@@ -135,6 +135,7 @@ class TrainWidget(QWidget):
         self._job_lazy = False
         self._job_image = None
         self._job_image_name: str | None = None
+        self._job_trains = False
         self.preview_every = 2.0
         self._display: deque = deque()  # pending GUI steps that show a finished run
         self._display_timer = QTimer(self)
@@ -626,7 +627,7 @@ class TrainWidget(QWidget):
             for d in self._lazy_dirs:
                 _jobs.remove_dir(d)
             self._lazy_dirs = [result.out_dir] if result.out_dir else []
-        if self.phase == "train" or result.outputs is None:
+        if self._job_trains or result.outputs is None:
             msg = f"Trained {steps} steps on {result.device}" + (" (stopped)" if result.stopped else "")
         else:
             msg = f"Predicted on {result.device}"
