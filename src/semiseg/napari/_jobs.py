@@ -171,18 +171,7 @@ def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> 
     if job.predict and not control.cancel.is_set():
         names = tuple(model.method.outputs)
         out = _zarr_outputs(job.out_dir, model, tuple(job.image.shape), names) if job.out_dir else None
-        pgen = iter_predict_volume(model, job.image, outputs=names, out=out)
-        while True:
-            try:
-                p = next(pgen)
-            except StopIteration as stop:
-                outputs = stop.value
-                break
-            yield p
-            if control.cancel.is_set():
-                pgen.close()
-                outputs = None
-                break
+        outputs = yield from _cancellable(iter_predict_volume(model, job.image, outputs=names, out=out), control)
     unc = None
     if outputs is not None and job.uncertainty:
         unc = yield from _uncertainty(job, control, model)
@@ -214,7 +203,11 @@ def _uncertainty(job: TrainJob, control: JobControl, model: Model):
         axis = model.axis
         chunks = tuple(1 if i == axis else n for i, n in enumerate(spatial))
         out = root.create_array("uncertainty", shape=spatial, chunks=chunks, dtype=np.float32)
-    gen = iter_uncertainty(model, job.image, tta=job.tta, out=out)
+    return (yield from _cancellable(iter_uncertainty(model, job.image, tta=job.tta, out=out), control))
+
+
+def _cancellable(gen, control: JobControl):
+    """Relay ``gen``'s Progress records and return its value; None once ``control.cancel`` is set."""
     while True:
         try:
             p = next(gen)
