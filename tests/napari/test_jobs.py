@@ -60,3 +60,19 @@ def test_job_without_uncertainty_or_when_cancelled(phantom, tmp_path):
     result = run(_jobs.iter_job(_job(phantom, tmp_path, uncertainty=True, out_dir=False), control),
                  cancel_in_uncertainty)
     assert result.uncertainty is None
+
+
+def test_cancel_during_prediction_keeps_the_model_and_drops_outputs(phantom, tmp_path):
+    control = _jobs.JobControl()
+    seen = []
+
+    def cancel_in_prediction(p):
+        seen.append(p.phase)
+        if p.phase == "predict" and p.step > 0:
+            control.cancel.set()
+
+    job = _job(phantom, tmp_path, uncertainty=True, out_dir=False)
+    result = run(_jobs.iter_job(job, control), cancel_in_prediction)
+    assert result.outputs is None and result.uncertainty is None
+    assert result.model.history[-1]["steps"] == 2  # the trained model is still returned
+    assert "uncertainty" not in seen
