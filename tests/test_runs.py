@@ -12,7 +12,8 @@ import torch
 import semiseg
 from semiseg.cli import main
 from semiseg.io import write_volume
-from semiseg.runs import current_run, find_run, list_runs, rollback, save_run
+from semiseg.model import ModelFileError
+from semiseg.runs import current_run, find_run, list_runs, rollback, run_info, save_run
 from semiseg.synthetic import make_phantom
 
 torch.set_num_threads(1)
@@ -110,3 +111,16 @@ def test_rollback_refuses_damaged_run_and_changes_nothing(data, capsys):
     assert main(["rollback", str(data / "m.pt"), runs[0].run_id]) == 2
     assert sha(data / "m.pt") == before
     assert "error:" in capsys.readouterr().err
+
+
+def test_run_info_describes_a_stored_run_and_refuses_other_files(data):
+    assert _train(data) == 0
+    stored = list_runs(data / "m.pt")[-1]
+    info = run_info(stored.path)
+    assert (info.run_id, info.method, info.steps) == (stored.run_id, "supervised", 2)
+    bad = data / "not-a-model.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelFileError):
+        run_info(bad)
+    with pytest.raises(ModelFileError):
+        run_info(data / "missing.pt")
