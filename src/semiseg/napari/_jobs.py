@@ -226,13 +226,7 @@ def open_uncertainty(
     import zarr
 
     arr = zarr.open_group(str(Path(out_dir) / UNCERTAINTY_ZARR), mode="r")["uncertainty"]
-    if load:
-        data = np.asarray(arr[...])
-    else:
-        import dask.array as da
-
-        data = da.from_zarr(arr)
-    return UncertaintyResult(data, np.asarray(mass, np.float64), int(axis), peak, descriptors)
+    return UncertaintyResult(_read(arr, load), np.asarray(mass, np.float64), int(axis), peak, descriptors)
 
 
 def _train(job: TrainJob, control: JobControl, model: Model | None, config: TrainConfig):
@@ -272,21 +266,21 @@ def _zarr_outputs(out_dir: str, model: Model, image_shape: tuple, names: tuple) 
     return out
 
 
+def _read(arr, load: bool):
+    """A zarr array as numpy (``load``) or as a lazy dask array."""
+    if load:
+        return np.asarray(arr[...])
+    import dask.array as da
+
+    return da.from_zarr(arr)
+
+
 def open_outputs(out_dir: str, *, load: bool) -> dict:
     """Open the outputs a job wrote under ``out_dir``: numpy (``load``) or lazy dask arrays."""
     import zarr
 
     root = zarr.open_group(str(Path(out_dir) / "outputs.zarr"), mode="r")
-    res = {}
-    for name in root.array_keys():
-        arr = root[name]
-        if load:
-            res[name] = np.asarray(arr[...])
-        else:
-            import dask.array as da
-
-            res[name] = da.from_zarr(arr)
-    return res
+    return {name: _read(root[name], load) for name in root.array_keys()}
 
 
 # ----------------------------------------------------------------------------- process backend

@@ -854,14 +854,6 @@ class TrainWidget(QWidget):
 
         return Path(os.environ.get("SEMISEG_RUNS_DIR") or Path.home() / ".napari-semiseg" / "runs")
 
-    def keep_run(self, model: Model):
-        """Store ``model`` as a new run (weights, method, settings, label budget) and list it."""
-        from ..runs import save_run
-
-        info = save_run(model, self.runs_dir / "model.pt", self.runs_dir)
-        self.refresh_runs()
-        return info
-
     def refresh_runs(self) -> None:
         from ..runs import list_runs
 
