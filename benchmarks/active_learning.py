@@ -121,17 +121,18 @@ def run_seed(kind: str, seed: int, args) -> dict:
     labels0 = sample.labels.copy()
     tags0 = np.full(n, UNKNOWN, np.int8)
     model0, cpu0 = train(labels0, tags0, None, 1)
+    strategies = tuple(args.strategies)
     state = {
-        s: {"model": model0 if s == "suggest" else copy.deepcopy(model0), "labels": labels0.copy(),
+        s: {"model": copy.deepcopy(model0), "labels": labels0.copy(),
             "tags": tags0.copy(), "picks": [int(i) for i in sample.annotated]}
-        for s in STRATEGIES
+        for s in strategies
     }
-    rng = {s: np.random.default_rng([seed, 7]) for s in STRATEGIES}
+    rng = {s: np.random.default_rng([seed, 7]) for s in strategies}
     rounds = []
     cpu = {"train": cpu0, "suggest": 0.0, "predict": 0.0}
     for k in range(1, args.max_slices + 1):
         if k > 1:
-            for s in STRATEGIES:
+            for s in strategies:
                 st = state[s]
                 done = annotated_slices(st["labels"], st["tags"])
                 t0 = time.process_time()
@@ -145,10 +146,10 @@ def run_seed(kind: str, seed: int, args) -> dict:
                 st["picks"].append(i)
                 st["model"], c = train(st["labels"], st["tags"], st["model"], k)
                 cpu["train"] += c
-        done = {s: annotated_slices(state[s]["labels"], state[s]["tags"]) for s in STRATEGIES}
+        done = {s: annotated_slices(state[s]["labels"], state[s]["tags"]) for s in strategies}
         common = np.flatnonzero(np.any(list(done.values()), axis=0))
         row = {"k": k}
-        for s in STRATEGIES:
+        for s in strategies:
             t0 = time.process_time()
             mask = semiseg.predict_volume(state[s]["model"], image, probabilities=False)["mask"]
             cpu["predict"] += time.process_time() - t0
@@ -158,7 +159,7 @@ def run_seed(kind: str, seed: int, args) -> dict:
         rounds.append(row)
         print(
             f"{kind} seed {seed} k={k}: "
-            + ", ".join(f"{s} {row[s]['dice']:.3f}/{row[s]['dice_common']:.3f}" for s in STRATEGIES),
+            + ", ".join(f"{s} {row[s]['dice']:.3f}/{row[s]['dice_common']:.3f}" for s in strategies),
             file=sys.stderr, flush=True,
         )
     return {
@@ -186,39 +187,63 @@ def load(path: Path) -> list[dict]:
     return runs
 
 
-def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over seeds with a percentile-bootstrap 95 % interval (fixed seed)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(0)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def pool(paths: list[Path]) -> list[dict]:
+    """Runs of every file, one per (sample, seed): the first file that has a seed wins."""
+    seen, runs = set(), []
+    for path in paths:
+        for r in load(path):
+            key = (r["sample"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
+    return runs
+
+
+def report(paths: list[Path], out_md: Path, out_png: Path, command: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = load(path)
+    runs = pool(paths)
     if not runs:
-        raise SystemExit(f"no results in {path}")
+        raise SystemExit(f"no results in {', '.join(map(str, paths))}")
     samples = sorted({r["sample"] for r in runs}, key=lambda s: ("phantom", "digits").index(s))
     lines = []
     fig, axes = plt.subplots(2, len(samples), figsize=(5 * len(samples), 7), squeeze=False, sharex=True)
     colours = {"suggest": "#d62728", "suggest+density": "#ff9896", "even": "#1f77b4", "random": "#7f7f7f"}
     for col, sample in enumerate(samples):
-        rs = [r for r in runs if r["sample"] == sample]
-        # Older result files lack the density ablation: report what every run has.
-        strategies = [s for s in STRATEGIES if all(s in r["rounds"][0] for r in rs)]
-        seeds = sorted(r["seed"] for r in rs)
+        rs = sorted((r for r in runs if r["sample"] == sample), key=lambda r: r["seed"])
+        # Some runs skipped the density ablation: each strategy is summarised over the runs
+        # that have it, and its seed count is shown when that is not all of them.
+        strategies = [s for s in STRATEGIES if any(s in r["rounds"][0] for r in rs)]
+        having = {s: [r for r in rs if s in r["rounds"][0]] for s in strategies}
+        names = [s if len(having[s]) == len(rs) else f"{s} ({len(having[s])} seeds)" for s in strategies]
+        seeds = [r["seed"] for r in rs]
         ks = [row["k"] for row in rs[0]["rounds"]]
         lines.append(f"### {sample} ({len(seeds)} seeds: {', '.join(map(str, seeds))})\n")
         for row_i, metric in enumerate(("dice", "dice_common")):
             title = "own unannotated slices" if metric == "dice" else "slices no strategy annotated"
             lines.append(f"Dice on {title} (mean ± std over seeds):\n")
-            lines.append("| annotated slices | " + " | ".join(strategies) + " |")
+            lines.append("| annotated slices | " + " | ".join(names) + " |")
             lines.append("|---|" + "---|" * len(strategies))
             ax = axes[row_i][col]
             for s in strategies:
-                d = np.array([[r["rounds"][i][s][metric] for i in range(len(ks))] for r in rs])
+                d = np.array([[r["rounds"][i][s][metric] for i in range(len(ks))] for r in having[s]])
                 ax.errorbar(ks, d.mean(0), yerr=d.std(0), label=s, color=colours[s], marker="o", capsize=3)
             for i, k in enumerate(ks):
                 cells = []
                 for s in strategies:
-                    d = np.array([r["rounds"][i][s][metric] for r in rs])
+                    d = np.array([r["rounds"][i][s][metric] for r in having[s]])
                     cells.append(f"{d.mean():.3f} ± {d.std():.3f}")
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -228,23 +253,31 @@ def report(path: Path, out_md: Path, out_png: Path, command: str) -> str:
             ax.set_xticks(ks)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        # wins per seed at each k
-        lines.append("Seeds where *suggest* beats both others (own-slices Dice / common-slices Dice):\n")
-        lines.append("| annotated slices | " + " | ".join(str(k) for k in ks) + " |")
-        lines.append("|---|" + "---|" * len(ks))
-        cells = []
-        for i in range(len(ks)):
-            w = [
-                sum(all(r["rounds"][i]["suggest"][m] > r["rounds"][i][o][m] for o in ("even", "random")) for r in rs)
-                for m in ("dice", "dice_common")
-            ]
-            cells.append(f"{w[0]}/{len(rs)} / {w[1]}/{len(rs)}")
-        lines.append("| wins | " + " | ".join(cells) + " |\n")
+        # Paired over seeds: every strategy of a seed starts from the same volume and model.
+        lines.append(
+            "Paired difference *suggest* minus each baseline, own-slices Dice: mean over seeds "
+            "[bootstrap 95 % interval], and the seeds where *suggest* beats both:\n"
+        )
+        lines.append("| annotated slices | suggest - even | suggest - random | wins over both |")
+        lines.append("|---|---|---|---|")
+        for i, k in enumerate(ks[1:], start=1):
+            cells = []
+            for o in ("even", "random"):
+                m, lo, hi = paired_difference(
+                    [r["rounds"][i]["suggest"]["dice"] for r in rs], [r["rounds"][i][o]["dice"] for r in rs]
+                )
+                cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            wins = sum(
+                all(r["rounds"][i]["suggest"]["dice"] > r["rounds"][i][o]["dice"] for o in ("even", "random"))
+                for r in rs
+            )
+            lines.append(f"| {k} | " + " | ".join(cells) + f" | {wins}/{len(rs)} |")
+        lines.append("")
         lines.append(f"Slices picked per seed ({' | '.join(strategies)}):\n")
-        for r in sorted(rs, key=lambda r: r["seed"]):
+        for r in rs:
             last = r["rounds"][-1]
             lines.append(
-                f"- seed {r['seed']}: " + " | ".join(str(last[s]["picks"]) for s in strategies)
+                f"- seed {r['seed']}: " + " | ".join(str(last[s]["picks"]) if s in last else "-" for s in strategies)
             )
         lines.append("")
     fig.tight_layout()
@@ -282,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=0.15, help="CPU minutes of training per round")
     p.add_argument("--max-slices", type=int, default=5)
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
+                   help="strategies to simulate (default: all)")
     p.add_argument("--features", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -291,12 +326,14 @@ def main(argv=None) -> int:
                         "'suggest+density' uses 1")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate --out into the Markdown table and plot")
+    p.add_argument("--pool", nargs="*", type=Path, default=[],
+                   help="more result files pooled into the report (a seed already in an earlier file is skipped)")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks-active-learning.md")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "active_learning.png")
     p.add_argument("--command", default="", help="command line recorded in the report")
     args = p.parse_args(argv)
     if args.report:
-        print(report(args.out, args.md, args.png, args.command))
+        print(report([args.out, *args.pool], args.md, args.png, args.command))
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seed-major: every finished seed covers all samples

@@ -51,6 +51,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
         batch_size=args.batch_size, crop=args.crop if sample_kind == "phantom" else min(args.crop, 48),
+        anneal=args.anneal,
     )
     tags = sample.tags if args.tags else None
     t0 = time.perf_counter()
@@ -70,7 +71,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
         "dice": round(hard, 4), "soft_dice": round(soft, 4),
         "steps": h["steps"], "train_seconds": round(train_s, 1),
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
-        "tags": bool(args.tags), "params": params, "losses": h["losses"],
+        "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
         "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -101,6 +102,14 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def variant(row: dict) -> str:
+    """Method name plus whatever distinguishes the run from the defaults (params, annealing)."""
+    extra = [f"{k}={v}" for k, v in sorted((row.get("params") or {}).items())]
+    if row.get("anneal"):
+        extra.append(f"anneal {row['anneal']}")
+    return row["method"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def report(path: Path, out_md: Path, out_png: Path) -> str:
     """Aggregate the JSON lines into a Markdown table (mean ± std over seeds) and a plot."""
     rows = load(path)
@@ -108,7 +117,7 @@ def report(path: Path, out_md: Path, out_png: Path) -> str:
         raise SystemExit(f"no results in {path}")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["sample"], r["method"], r["k"], r["budget_minutes"], r["clock"]), []).append(r)
+        groups.setdefault((r["sample"], variant(r), r["k"], r["budget_minutes"], r["clock"]), []).append(r)
     lines = [
         "| sample | method | K | budget | Dice (mean ± std) | soft Dice | steps | seeds |",
         "|---|---|---|---|---|---|---|---|",
@@ -170,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--anneal", type=float, default=0.0,
+                   help="share of the budget over which the learning rate falls to 0 (TrainConfig.anneal)")
     p.add_argument("--no-tags", dest="tags", action="store_false", help="hide weak tags from methods")
     p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -69,6 +69,19 @@ def test_train_with_weak_tags_and_continue(sample_dir, model_path, tmp_path, cap
     assert len(semiseg.load_model(out).history) == 2
 
 
+def test_train_anneal_option_reaches_the_config(sample_dir, tmp_path):
+    import semiseg
+    from semiseg.engine import TrainConfig
+
+    out = tmp_path / "m3.pt"
+    base = ["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(out), *TINY]
+    assert main([*base, "--anneal", "0.25"]) == 0
+    assert semiseg.load_model(out).history[-1]["config"]["anneal"] == 0.25
+    assert main(base) == 0
+    assert semiseg.load_model(out).history[-1]["config"]["anneal"] == TrainConfig.anneal
+    assert main([*base, "--anneal", "2"]) != 0
+
+
 def test_methods_lists_every_method(capsys):
     import semiseg
 

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,74 @@ def test_cuda_request_without_cuda_is_clear():
         pytest.skip("CUDA present")
     with pytest.raises(InputError, match="CUDA"):
         semiseg.engine.resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("done", "anneal", "expected"),
+    [(0.0, 0.5, 1.0), (0.5, 0.5, 1.0), (0.75, 0.5, 0.5), (1.0, 0.5, 0.0), (1.5, 0.5, 0.0),
+     (0.0, 1.0, 1.0), (0.5, 1.0, 0.5), (0.9, 0.0, 1.0)],
+)
+def test_lr_factor(done, anneal, expected):
+    from semiseg.engine import lr_factor
+
+    assert lr_factor(done, anneal) == pytest.approx(expected, abs=1e-12)
+
+
+def _spy_learning_rate(monkeypatch):
+    """Record the first optimiser's learning rate before every supervised step."""
+    from semiseg.methods.supervised import Supervised
+
+    seen = []
+    original = Supervised.training_step
+
+    def spy(self, batch):
+        seen.append(next(iter(self.opts.values())).param_groups[0]["lr"])
+        return original(self, batch)
+
+    monkeypatch.setattr(Supervised, "training_step", spy)
+    return seen
+
+
+def test_anneal_lowers_learning_rate_each_step_then_restores_it(tiny_phantom, monkeypatch):
+    seen = _spy_learning_rate(monkeypatch)
+    s = tiny_phantom
+    cfg = TrainConfig(steps=5, batch_size=2, crop=32, anneal=1.0)
+    model = semiseg.train(s.image, s.labels, params={**TINY_PARAMS, "lr": 0.01}, config=cfg)
+    # Half cosine over the 5 steps, sampled before each step (done = 0, 0.2, ..., 0.8).
+    expected = [0.005 * (1 + np.cos(np.pi * i / 5)) for i in range(5)]
+    assert seen == pytest.approx(expected)
+    group = next(iter(model.method.opts.values())).param_groups[0]
+    assert group["lr"] == pytest.approx(0.01)
+    # Training on anneals anew from the method's own rate.
+    seen.clear()
+    semiseg.train(s.image, s.labels, model=model, config=cfg)
+    assert seen == pytest.approx(expected)
+
+
+def test_no_anneal_keeps_learning_rate(tiny_phantom, monkeypatch):
+    seen = _spy_learning_rate(monkeypatch)
+    s = tiny_phantom
+    semiseg.train(s.image, s.labels, params={**TINY_PARAMS, "lr": 0.01},
+                  config=TrainConfig(steps=3, batch_size=2, crop=32))
+    assert seen == [0.01] * 3
+
+
+def test_anneal_follows_a_time_budget(tiny_phantom, monkeypatch):
+    from semiseg import engine
+
+    # A fake process clock that advances 15 s per reading: the 1-minute budget, not the
+    # 10**6 steps, decides how far the run is.
+    ticks = iter(range(0, 10**6, 15))
+    monkeypatch.setattr(engine.time, "process_time", lambda: float(next(ticks)))
+    seen = _spy_learning_rate(monkeypatch)
+    s = tiny_phantom
+    cfg = TrainConfig(steps=10**6, minutes=1, clock="process", batch_size=2, crop=32, anneal=1.0)
+    semiseg.train(s.image, s.labels, params={**TINY_PARAMS, "lr": 0.01}, config=cfg)
+    assert 1 <= len(seen) < 10
+    assert 0 < seen[0] < 0.01  # the clock has moved before the first step: already annealing
+    assert all(a > b for a, b in itertools.pairwise(seen))
+
+
+def test_bad_anneal_rejected():
+    with pytest.raises(InputError, match="anneal"):
+        TrainConfig(anneal=1.5)

@@ -31,6 +31,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--anneal", type=float, metavar="SHARE",
+        help="share of the run, at its end, over which the learning rate falls to 0 "
+             "(0 keeps it constant; default: TrainConfig's)",
+    )
+    p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE",
         help="method hyperparameter, repeatable (see `semiseg methods --params`)",
     )
@@ -173,6 +178,7 @@ def _train(image, labels, tags, args, model=None):
     config = TrainConfig(
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
         crop=args.crop, seed=args.seed, axis=args.axis, compile=args.compile,
+        **({} if args.anneal is None else {"anneal": args.anneal}),
     )
     gen = iter_train(
         image, labels, tags=tags, method=args.method, params=params or None, config=config,

@@ -106,6 +106,11 @@ class TrainConfig:
     cache_mb : float
         Memory budget of the normalised-slice cache (LRU), so volumes larger than memory can be
         sampled lazily from zarr/dask.
+    anneal : float
+        Share of the run, at its end, over which every learning rate falls to zero along a half
+        cosine (0 keeps them constant). The run's length is whichever of ``steps`` and
+        ``minutes`` binds, so a time budget anneals too. Each call anneals anew: training on
+        from a model starts again at the method's learning rate.
     """
 
     steps: int = 300
@@ -119,6 +124,7 @@ class TrainConfig:
     clock: str = "wall"
     compile: bool | str = False
     cache_mb: float = 1024.0
+    anneal: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -133,6 +139,28 @@ class TrainConfig:
             raise InputError("clock must be 'wall' or 'process'")
         if self.cache_mb < 0:
             raise InputError("cache_mb must be >= 0")
+        if not 0 <= self.anneal <= 1:
+            raise InputError("anneal must be between 0 and 1")
+
+
+def lr_factor(done: float, anneal: float) -> float:
+    """Learning-rate multiplier when the share ``done`` of a run is over.
+
+    1 until ``1 - anneal`` of the run, then a half cosine down to 0 at its end.
+    """
+    start = 1.0 - anneal
+    if anneal <= 0 or done <= start:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - start) / anneal)))
+
+
+def _scale_learning_rates(method, factor: float) -> None:
+    # ``initial_lr`` (torch's scheduler convention) is saved with the optimiser, so a model
+    # saved mid-anneal (autosave) still continues from the method's own learning rate.
+    for opt in method.opts.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
 
 
 class PredictionError(TrainingError):
@@ -280,7 +308,8 @@ def iter_train(
     needs = method_obj.batch_needs(config.batch_size)
     start = time.perf_counter()
     clock = time.perf_counter if config.clock == "wall" else time.process_time
-    deadline = clock() + 60 * config.minutes if config.minutes else math.inf
+    clock_start = clock()
+    deadline = clock_start + 60 * config.minutes if config.minutes else math.inf
     smoothed: dict[str, float] = {}
     last_preview = -math.inf
     good_state = _snapshot(method_obj.state_dict())
@@ -297,6 +326,13 @@ def iter_train(
             except Exception as exc:  # corrupt chunks of lazy (zarr) images show up here
                 raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
             batch = {k: method_obj.to_tensor(v) for k, v in arrays.items()}
+            if config.anneal:
+                done = step / config.steps
+                if config.minutes:
+                    done = max(done, (clock() - clock_start) / (60 * config.minutes))
+                if multi:  # one schedule for every rank
+                    done = distributed.max_value(done)
+                _scale_learning_rates(method_obj, lr_factor(done, config.anneal))
             try:
                 losses = method_obj.training_step(batch)
             except Exception as exc:
@@ -349,6 +385,8 @@ def iter_train(
                 yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
     finally:
         method_obj.grad_sync = None
+        if config.anneal:
+            _scale_learning_rates(method_obj, 1.0)
         good_state = None
         if dev.type == "cuda":  # hand cached activations back to the driver
             torch.cuda.empty_cache()
