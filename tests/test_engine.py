@@ -185,6 +185,19 @@ def test_anneal_lowers_learning_rate_each_step_then_restores_it(tiny_phantom, mo
     assert seen == pytest.approx(expected)
 
 
+def test_model_saved_mid_anneal_trains_on_at_its_own_rate(tiny_phantom, tmp_path, monkeypatch):
+    s = tiny_phantom
+    model = semiseg.train(s.image, s.labels, params={**TINY_PARAMS, "lr": 0.01},
+                          config=TrainConfig(steps=2, batch_size=2, crop=32, anneal=1.0))
+    for group in next(iter(model.method.opts.values())).param_groups:
+        group["lr"] = 1e-5  # as an autosave taken near the end of an annealed run holds it
+    model.save(tmp_path / "m.pt")
+    seen = _spy_learning_rate(monkeypatch)
+    semiseg.train(s.image, s.labels, model=semiseg.load_model(tmp_path / "m.pt"),
+                  config=TrainConfig(steps=2, batch_size=2, crop=32))
+    assert seen == pytest.approx([0.01, 0.01])
+
+
 def test_no_anneal_keeps_learning_rate(tiny_phantom, monkeypatch):
     seen = _spy_learning_rate(monkeypatch)
     s = tiny_phantom

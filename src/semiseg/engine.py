@@ -155,12 +155,20 @@ def lr_factor(done: float, anneal: float) -> float:
 
 
 def _scale_learning_rates(method, factor: float) -> None:
-    # ``initial_lr`` (torch's scheduler convention) is saved with the optimiser, so a model
-    # saved mid-anneal (autosave) still continues from the method's own learning rate.
+    # The method's own rate is kept as ``initial_lr`` (torch's scheduler convention), which
+    # is saved with the optimiser state.
     for opt in method.opts.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * factor
+
+
+def _reset_learning_rates(method) -> None:
+    """Undo any annealing, including one a model was saved in the middle of (autosave)."""
+    for opt in method.opts.values():
+        for group in opt.param_groups:
+            if "initial_lr" in group:
+                group["lr"] = group["initial_lr"]
 
 
 class PredictionError(TrainingError):
@@ -291,6 +299,7 @@ def iter_train(
         if model.axis != config.axis:
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
     method_obj = model.method
+    _reset_learning_rates(method_obj)
     if config.compile:
         _compile_nets(method_obj, config.compile)
     from . import distributed
@@ -385,8 +394,7 @@ def iter_train(
                 yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
     finally:
         method_obj.grad_sync = None
-        if config.anneal:
-            _scale_learning_rates(method_obj, 1.0)
+        _reset_learning_rates(method_obj)
         good_state = None
         if dev.type == "cuda":  # hand cached activations back to the driver
             torch.cuda.empty_cache()
