@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +27,13 @@ def _data():
     return semiseg.make_phantom(0, shape=(10, 36, 40), labelled=3, n_tumours=2)
 
 
-METHODS = ("supervised", "mean-teacher")
+#: Runs each rank makes: name -> (method, extra TrainConfig settings). The annealed run has a
+#: wall-clock budget, so the ranks' learning rates agree only through the shared schedule.
+CASES = {
+    "supervised": ("supervised", {"steps": 3}),
+    "mean-teacher": ("mean-teacher", {"steps": 3}),
+    "supervised-anneal": ("supervised", {"steps": 10**6, "minutes": 0.02, "anneal": 1.0}),
+}
 
 
 def _worker(rank, world, port, out_dir):
@@ -39,8 +46,10 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     sd.init_from_env("cpu", timeout_s=120)
     s = _data()
-    config = semiseg.TrainConfig(steps=3, batch_size=2, crop=32, seed=0)
-    for method in METHODS:
+    for case, (method, settings) in CASES.items():
+        config = semiseg.TrainConfig(batch_size=2, crop=32, seed=0, **settings)
+        if "anneal" in settings:
+            time.sleep(0.3 * rank)  # the ranks' clocks start apart
         gen = semiseg.iter_train(s.image, s.labels, tags=s.tags, method=method, params=TINY_PARAMS,
                                  config=config, device="cpu")
         first = None
@@ -54,7 +63,7 @@ def _worker(rank, world, port, out_dir):
                 first = p.losses
         nets = {k: {n: t.clone() for n, t in net.state_dict().items()} for k, net in model.method.nets.items()}
         torch.save({"nets": nets, "first": first, "hook_removed": model.method.grad_sync is None},
-                   f"{out_dir}/{method}-rank{rank}.pt")
+                   f"{out_dir}/{case}-rank{rank}.pt")
     from semiseg.cli import main
 
     code = main(["train", f"{out_dir}/image.tif", f"{out_dir}/labels.tif", "-o", f"{out_dir}/model.pt",
@@ -87,10 +96,11 @@ def two_ranks(tmp_path_factory):
     return tmp, out
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_gloo_ranks_agree(two_ranks, method):
+@pytest.mark.parametrize("case", CASES)
+def test_two_gloo_ranks_agree(two_ranks, case):
     tmp, _ = two_ranks
-    r0, r1 = (torch.load(tmp / f"{method}-rank{r}.pt", weights_only=True) for r in (0, 1))
+    method = CASES[case][0]
+    r0, r1 = (torch.load(tmp / f"{case}-rank{r}.pt", weights_only=True) for r in (0, 1))
     # Each rank drew its own crops ...
     assert r0["first"] != r1["first"]
     # ... yet every parameter and buffer of every network is identical afterwards.
@@ -159,3 +169,4 @@ def test_helpers_without_group_are_no_ops():
     sd.all_reduce_gradients(net.parameters())
     assert torch.equal(net.weight.grad, torch.ones_like(net.weight))
     assert sd.any_true(True) and not sd.any_true(False)
+    assert sd.max_value(0.25) == 0.25

@@ -40,6 +40,7 @@ __all__ = [
     "init_from_env",
     "is_active",
     "is_main",
+    "max_value",
     "rank",
     "rank_seed",
     "world_size",
@@ -222,11 +223,7 @@ def broadcast_buffers(method) -> None:
 
 def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     """Whether ``flag`` is true on any rank (e.g. a time budget ran out); plain ``flag`` alone."""
-    if not is_active():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return max_value(1.0 if flag else 0.0, device) > 0
 
 
 def max_value(value: float, device: torch.device | str = "cpu") -> float:
