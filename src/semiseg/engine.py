@@ -300,6 +300,8 @@ def iter_train(
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
     method_obj = model.method
     _reset_learning_rates(method_obj)
+    # Predict as trained: in windows of the training crop (see Method.tile_size).
+    method_obj.tile_size = int(config.crop)
     if config.compile:
         _compile_nets(method_obj, config.compile)
     from . import distributed

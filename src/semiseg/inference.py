@@ -1,15 +1,20 @@
 """Whole-volume prediction, slice batch by slice batch.
 
-Networks are fully convolutional, so each slice is predicted whole (padded by reflection to the
-network's size multiple, then cropped back): no tiling seams. Inputs are read one batch of
-slices at a time, so lazy (zarr, dask) volumes are never loaded whole, and outputs may be zarr
-arrays written batch by batch.
+A slice no larger than the model's training crop (``Method.tile_size``) is predicted whole,
+padded by reflection to the network's size multiple and cropped back. A larger slice is
+predicted in overlapping windows of the training crop, blended with a Gaussian weight that
+favours window centres (as nnU-Net and MONAI's sliding-window inference do): the networks use
+instance normalisation, whose statistics change with the extent of the input, and a whole slice
+much larger than the crops the network learnt on is segmented far worse than its windows.
+Inputs are read one batch of slices at a time, so lazy (zarr, dask) volumes are never loaded
+whole, and outputs may be zarr arrays written batch by batch.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +25,10 @@ from .engine import PredictionError, Progress, first_line, is_out_of_memory, run
 from .methods.base import Method
 from .model import Model
 
-__all__ = ["iter_predict_volume", "predict_normalised_slices", "predict_volume"]
+__all__ = ["apply_to_slices", "iter_predict_volume", "predict_normalised_slices", "predict_volume"]
+
+#: Share of a window that its neighbour overlaps (MONAI's default).
+WINDOW_OVERLAP = 0.25
 
 
 def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
@@ -44,6 +52,92 @@ def pad_to_multiple(method: Method, x: np.ndarray) -> tuple[torch.Tensor, tuple[
     return t, (slice(pt, pt + h), slice(pl, pl + w))
 
 
+def window_starts(size: int, tile: int, overlap: float = WINDOW_OVERLAP) -> list[int]:
+    """Starts of windows of side ``tile`` that cover ``[0, size)``, neighbours overlapping by at
+    least ``overlap * tile``, spread evenly so the last one ends at ``size``."""
+    if size <= tile:
+        return [0]
+    stride = max(1, int(tile * (1 - overlap)))
+    n = math.ceil((size - tile) / stride) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def gaussian_window(tile: int, device: torch.device) -> torch.Tensor:
+    """``(tile, tile)`` blending weight: a Gaussian of sigma ``tile / 8`` (nnU-Net's choice),
+    floored so that every pixel of a window keeps a positive weight."""
+    r = torch.arange(tile, dtype=torch.float32, device=device) - (tile - 1) / 2
+    g = torch.exp(-(r**2) / (2 * (tile / 8) ** 2))
+    w = g[:, None] * g[None, :]
+    return (w / w.max()).clamp_min(1e-3)
+
+
+def _window_size(method: Method, h: int, w: int) -> int | None:
+    """Window side for ``(h, w)`` slices (a multiple of the network's size multiple), or
+    ``None`` when they are predicted whole."""
+    tile = method.tile_size
+    if not tile or (h <= tile and w <= tile):
+        return None
+    m = method.size_multiple
+    return int(math.ceil(tile / m) * m)
+
+
+def apply_to_slices(
+    method: Method,
+    x: np.ndarray,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    *,
+    overlap: float = WINDOW_OVERLAP,
+) -> dict[str, torch.Tensor]:
+    """Apply a per-pixel map ``fn`` to normalised slices, whole or window by window.
+
+    Parameters
+    ----------
+    method : Method
+        Gives the device, the size multiple and :attr:`~semiseg.methods.base.Method.tile_size`.
+    x : (B, C, H, W) float32 ndarray
+        Normalised slices of any size.
+    fn : callable
+        Maps a ``(B, C, h, w)`` tensor (``h``, ``w`` multiples of ``method.size_multiple``) to a
+        dict of ``(B, c, h, w)`` tensors, e.g. class probabilities.
+    overlap : float
+        Share of a window overlapped by its neighbours when slices are larger than the window.
+
+    Returns
+    -------
+    dict of (B, c, H, W) float32 tensors
+        On the method's device, cropped back to ``(H, W)``; window outputs are averaged with
+        :func:`gaussian_window` weights.
+    """
+    h, w = x.shape[-2:]
+    tile = _window_size(method, h, w)
+    with torch.no_grad():
+        if tile is None:
+            t, (rows, cols) = pad_to_multiple(method, x)
+            return {k: v[..., rows, cols].float() for k, v in fn(t).items()}
+        t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
+        # A side shorter than the window is padded like the training crops were.
+        ph, pw = max(0, tile - h), max(0, tile - w)
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            t = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)
+        rows, cols = slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w)
+        big_h, big_w = t.shape[-2:]
+        weight = gaussian_window(tile, t.device)
+        total = torch.zeros((big_h, big_w), dtype=torch.float32, device=t.device)
+        acc: dict[str, torch.Tensor] = {}
+        for y in window_starts(big_h, tile, overlap):
+            for x0 in window_starts(big_w, tile, overlap):
+                win = (Ellipsis, slice(y, y + tile), slice(x0, x0 + tile))
+                for key, value in fn(t[win]).items():
+                    if key not in acc:
+                        acc[key] = torch.zeros(
+                            (value.shape[0], value.shape[1], big_h, big_w), dtype=torch.float32, device=t.device
+                        )
+                    acc[key][win] += value.float() * weight
+                total[win] += weight
+        return {k: (v / total)[..., rows, cols] for k, v in acc.items()}
+
+
 def predict_normalised_slices(
     method: Method, x: np.ndarray, outputs: Sequence[str] = ()
 ) -> dict[str, np.ndarray]:
@@ -53,7 +147,8 @@ def predict_normalised_slices(
     ----------
     method : Method
     x : (B, C, H, W) float32 ndarray
-        Normalised slices of any size.
+        Normalised slices of any size; slices larger than ``method.tile_size`` are predicted in
+        overlapping windows (see :func:`apply_to_slices`).
     outputs : sequence of str
         Extra method outputs to return (e.g. ``"residual"``), in normalised units.
 
@@ -63,13 +158,16 @@ def predict_normalised_slices(
         ``mask`` (B, H, W) int64, ``probabilities`` (B, K, H, W) float32, and each requested
         output as (B, C, H, W) float32.
     """
-    t, (rows, cols) = pad_to_multiple(method, x)
-    res = method.predict(t)
-    crop = (slice(None), slice(None), rows, cols)
-    probs = res["probabilities"][crop].float()
+
+    def predict(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        res = method.predict(t)
+        return {name: res[name] for name in ("probabilities", *outputs)}
+
+    res = apply_to_slices(method, x, predict)
+    probs = res.pop("probabilities")
     out = {"probabilities": probs.cpu().numpy(), "mask": _argmax_classes(probs).cpu().numpy()}
     for name in outputs:
-        out[name] = res[name][crop].float().cpu().numpy()
+        out[name] = res[name].cpu().numpy()
     return out
 
 

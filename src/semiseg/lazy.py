@@ -3,9 +3,10 @@
 The volume is viewed as a dask array and cut into *slabs*: ``batch_size`` whole slices along the
 model's slicing axis (every other axis in one piece). One task per slab reads it, normalises it
 and runs the network (:func:`semiseg.inference.predict_normalised_slices`); the results are
-written to zarr with :func:`dask.array.store`, slab by slab. Networks are fully convolutional and
-every slice is predicted whole, so slabs need **no overlap** (no halo, no blending, no seams) and
-peak memory is a few slabs whatever the volume size.
+written to zarr with :func:`dask.array.store`, slab by slab. Networks are 2D: every slice is
+predicted on its own (whole, or in blended windows of the training crop inside the slice), so
+slabs need **no overlap** along the slicing axis (no halo, no seams between slabs) and peak
+memory is a few slabs whatever the volume size.
 
 The same graph runs on dask's local schedulers (threads by default, or ``"synchronous"``) or on
 a ``dask.distributed`` cluster given its scheduler address; the model travels to each worker

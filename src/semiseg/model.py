@@ -67,6 +67,7 @@ class Model:
             "num_classes": self.num_classes,
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
+            "tile_size": self.method.tile_size,
             "history": self.history,
         }
 
@@ -128,6 +129,7 @@ class Model:
             method.load_state_dict(payload["state"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelFileError(f"{path}: weights do not fit the model ({str(exc)[:200]})") from None
+        method.tile_size = _tile_size(cfg)
         return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"])
 
     def predict(self, image, **kwargs):
@@ -160,3 +162,15 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _tile_size(cfg: dict) -> int | None:
+    """Prediction window of a saved model; files written before it was stored use the crop of
+    their last training run."""
+    if "tile_size" in cfg:
+        return None if cfg["tile_size"] is None else int(cfg["tile_size"])
+    for run in reversed(cfg.get("history") or []):
+        crop = (run.get("config") or {}).get("crop")
+        if crop:
+            return int(crop)
+    return None

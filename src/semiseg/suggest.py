@@ -53,7 +53,7 @@ from scipy import ndimage as ndi
 
 from .data import HEALTHY, InputError, _check_tags, as_channels, validate_labels
 from .engine import Progress, run
-from .inference import pad_to_multiple
+from .inference import apply_to_slices
 from .methods.base import Method
 from .model import Model
 
@@ -157,7 +157,8 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
     ----------
     method : Method
     x : (B, C, H, W) float32 ndarray
-        Normalised slices of any size (padded by reflection to ``method.size_multiple``).
+        Normalised slices of any size, predicted whole or in windows (see
+        :func:`semiseg.inference.apply_to_slices`).
     tta : bool
         Average over the 8 flips/rotations (:data:`TTA_TRANSFORMS`), each mapped back by its
         inverse. With the default uncertainty this is the entropy of the averaged probabilities
@@ -169,11 +170,11 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
     uncertainty : (B, H, W) float32 ndarray
     probabilities : (B, K, H, W) float32 ndarray
     """
-    t, (rows, cols) = pad_to_multiple(method, x)
     custom = _overrides_uncertainty(method)
     transforms = TTA_TRANSFORMS if tta else TTA_TRANSFORMS[:1]
-    probs = unc = None
-    with torch.no_grad():
+
+    def maps(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        probs = unc = None
         for tf in transforms:
             xt = tta_forward(t, tf)
             p = tta_inverse(method.predict(xt)["probabilities"].float(), tf)
@@ -181,11 +182,14 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
             if custom:
                 u = tta_inverse(method.uncertainty(xt).float(), tf)
                 unc = u if unc is None else unc + u
-        probs = probs / len(transforms)
-        unc = _entropy(probs) if not custom else unc / len(transforms)
-    crop = (slice(None), rows, cols)
-    probs = probs[(slice(None), *crop)]
-    unc = unc[crop]
+        out = {"probabilities": probs / len(transforms)}
+        if custom:
+            out["uncertainty"] = (unc / len(transforms))[:, None]
+        return out
+
+    res = apply_to_slices(method, x, maps)
+    probs = res["probabilities"]
+    unc = res["uncertainty"][:, 0] if custom else _entropy(probs)
     return unc.cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)
 
 

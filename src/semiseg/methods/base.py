@@ -107,6 +107,11 @@ class Method(abc.ABC):
     can_sample: ClassVar[bool] = False
     #: Whether the method learns from weak healthy/diseased tags.
     uses_tags: ClassVar[bool] = False
+    #: Side of the square windows prediction slides over slices larger than it (the training
+    #: crop: the engine sets it, model files keep it); ``None`` predicts every slice whole.
+    #: Instance-normalised networks see their statistics change with the input's extent, so a
+    #: whole slice much larger than the crops they learnt on is predicted worse than its tiles.
+    tile_size: int | None = None
     #: Called with the optimiser between backward and step; the engine sets it to
     #: :func:`semiseg.distributed.all_reduce_gradients` for multi-process training.
     grad_sync: Any = None
