@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _stats import paired_difference
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -187,21 +188,20 @@ def load(path: Path) -> list[dict]:
     return runs
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over seeds with a percentile-bootstrap 95 % interval (fixed seed)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(0)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
-
-
 def pool(paths: list[Path]) -> list[dict]:
-    """Runs of every file, one per (sample, seed): the first file that has a seed wins."""
+    """Runs of every file, one per (sample, seed): the first file that has a seed wins.
+
+    ``FILE:SAMPLE[,SAMPLE]`` takes only those samples' runs from a file (e.g. older runs whose
+    other sample was measured with a different prediction path).
+    """
     seen, runs = set(), []
-    for path in paths:
-        for r in load(path):
+    for spec in paths:
+        path, _, only = str(spec).partition(":")
+        samples = set(only.split(",")) if only else None
+        for r in load(Path(path)):
             key = (r["sample"], r["seed"])
+            if samples is not None and r["sample"] not in samples:
+                continue
             if key not in seen:
                 seen.add(key)
                 runs.append(r)
@@ -326,8 +326,9 @@ def main(argv=None) -> int:
                         "'suggest+density' uses 1")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate --out into the Markdown table and plot")
-    p.add_argument("--pool", nargs="*", type=Path, default=[],
-                   help="more result files pooled into the report (a seed already in an earlier file is skipped)")
+    p.add_argument("--pool", nargs="*", default=[], metavar="FILE[:SAMPLE,...]",
+                   help="more result files pooled into the report (a seed already in an earlier file is "
+                        "skipped); FILE:SAMPLE,... takes only those samples from FILE")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks-active-learning.md")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "active_learning.png")
     p.add_argument("--command", default="", help="command line recorded in the report")
