@@ -160,3 +160,15 @@ def test_model_files_from_before_the_window_use_their_training_crop(tiny_model, 
     payload["config"] = json.dumps(cfg)
     torch.save(payload, path)
     assert semiseg.load_model(path).method.tile_size is None
+
+
+@pytest.mark.parametrize("bad", [-5, 0, 3, "96", 12.5, True])
+def test_model_files_with_a_bad_window_are_refused(tiny_model, tmp_path, bad):
+    path = tiny_model.save(tmp_path / "bad.semiseg")
+    payload = torch.load(path, weights_only=True)
+    cfg = json.loads(payload["config"])
+    cfg["tile_size"] = bad
+    payload["config"] = json.dumps(cfg)
+    torch.save(payload, path)
+    with pytest.raises(semiseg.ModelFileError, match="damaged model configuration"):
+        semiseg.load_model(path)

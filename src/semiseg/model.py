@@ -129,7 +129,10 @@ class Model:
             method.load_state_dict(payload["state"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelFileError(f"{path}: weights do not fit the model ({str(exc)[:200]})") from None
-        method.tile_size = _tile_size(cfg)
+        try:
+            method.tile_size = _tile_size(cfg)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
         return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"])
 
     def predict(self, image, **kwargs):
@@ -168,9 +171,12 @@ def _tile_size(cfg: dict) -> int | None:
     """Prediction window of a saved model; files written before it was stored use the crop of
     their last training run."""
     if "tile_size" in cfg:
-        return None if cfg["tile_size"] is None else int(cfg["tile_size"])
-    for run in reversed(cfg.get("history") or []):
-        crop = (run.get("config") or {}).get("crop")
-        if crop:
-            return int(crop)
-    return None
+        tile = cfg["tile_size"]
+    else:
+        crops = [(run.get("config") or {}).get("crop") for run in cfg.get("history") or []]
+        tile = next((c for c in reversed(crops) if c), None)
+    if tile is None:
+        return None
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8:
+        raise ValueError(f"tile_size must be an integer >= 8, got {tile!r}")
+    return tile
