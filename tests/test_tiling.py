@@ -172,3 +172,13 @@ def test_model_files_with_a_bad_window_are_refused(tiny_model, tmp_path, bad):
     torch.save(payload, path)
     with pytest.raises(semiseg.ModelFileError, match="damaged model configuration"):
         semiseg.load_model(path)
+
+
+@pytest.mark.parametrize("overlap", [-0.5, 1.0, 2.0])
+def test_bad_overlap_is_refused(overlap):
+    # Overlap < 0 would leave gaps between windows (pixels with no prediction).
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts(100, 32, overlap)
+    x = np.zeros((1, 1, 64, 64), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        apply_to_slices(tiny_method(32), x, lambda t: {"a": t}, overlap=overlap)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import InputError, as_channels
+from .data import InputError, _pad_to, as_channels
 from .engine import PredictionError, Progress, first_line, is_out_of_memory, run
 from .methods.base import Method
 from .model import Model
@@ -55,6 +55,8 @@ def pad_to_multiple(method: Method, x: np.ndarray) -> tuple[torch.Tensor, tuple[
 def window_starts(size: int, tile: int, overlap: float = WINDOW_OVERLAP) -> list[int]:
     """Starts of windows of side ``tile`` that cover ``[0, size)``, neighbours overlapping by at
     least ``overlap * tile``, spread evenly so the last one ends at ``size``."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if size <= tile:
         return [0]
     stride = max(1, int(tile * (1 - overlap)))
@@ -108,18 +110,17 @@ def apply_to_slices(
         On the method's device, cropped back to ``(H, W)``; window outputs are averaged with
         :func:`gaussian_window` weights.
     """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     h, w = x.shape[-2:]
     tile = _window_size(method, h, w)
     with torch.no_grad():
         if tile is None:
             t, (rows, cols) = pad_to_multiple(method, x)
             return {k: v[..., rows, cols].float() for k, v in fn(t).items()}
-        t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
         # A side shorter than the window is padded like the training crops were.
         ph, pw = max(0, tile - h), max(0, tile - w)
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            t = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode=mode)
+        t = method.to_tensor(np.ascontiguousarray(_pad_to(x, (tile, tile)), dtype=np.float32))
         rows, cols = slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w)
         big_h, big_w = t.shape[-2:]
         weight = gaussian_window(tile, t.device)
