@@ -1,0 +1,66 @@
+"""The helpers behind the annotation-efficiency report: the figures in docs/benchmarks.md rest on them."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from _stats import paired_difference
+from annotation_efficiency import error_anatomy, paired_table, variant
+
+
+def test_error_anatomy_splits_missed_regions_from_borders():
+    truth = np.zeros((2, 10, 10), bool)
+    pred = np.zeros_like(truth)
+    truth[0, 1:4, 1:4] = True  # found, one column short: 3 border false negatives
+    pred[0, 1:4, 1:3] = True
+    pred[0, 0, 1:3] = True  # 2 border false positives, touching the found region
+    truth[0, 6:8, 6:8] = True  # missed entirely: 4
+    truth[1, 1:4, 1:4] = True  # under a prediction in the slice above only: missed, 9
+    pred[1, 8:10, 0:2] = True  # false island: 4
+    e = error_anatomy(pred, truth)
+    assert e == {"fn": 16, "fn_in_missed_regions": 13, "fp": 6, "fp_in_false_regions": 4, "truth_voxels": 22}
+
+
+def test_error_anatomy_of_a_perfect_and_an_empty_prediction():
+    truth = np.zeros((3, 8, 8), bool)
+    truth[1, 2:5, 2:5] = True
+    assert error_anatomy(truth, truth) == {
+        "fn": 0, "fn_in_missed_regions": 0, "fp": 0, "fp_in_false_regions": 0, "truth_voxels": 9
+    }
+    e = error_anatomy(np.zeros_like(truth), truth)
+    assert e["fn"] == e["fn_in_missed_regions"] == 9 and e["fp"] == 0
+
+
+def test_variant_names_the_full_supervision_bound():
+    row = {"method": "supervised", "params": {}, "anneal": 0.0, "every_slice_labelled": True}
+    assert variant(row) == "supervised (every slice labelled)"
+    assert variant({**row, "every_slice_labelled": False}) == "supervised"
+    assert variant({"method": "mutual-info", "params": {"weight": "0.2"}}) == "mutual-info (weight=0.2)"
+
+
+def test_paired_difference_interval_brackets_the_mean():
+    a, b = np.array([0.9, 0.8, 0.85, 0.95]), np.array([0.85, 0.8, 0.8, 0.9])
+    m, lo, hi = paired_difference(a, b)
+    assert m == pytest.approx(0.0375)
+    assert 0.0 <= lo <= m <= hi <= 0.05 + 1e-12  # the largest paired difference
+    assert paired_difference(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_paired_table_pairs_by_seed():
+    def rows(method, dice_by_seed, **extra):
+        return [{"method": method, "seed": s, "dice": d, **extra} for s, d in dice_by_seed.items()]
+
+    def key(method):
+        return ("phantom", method, 5, 1.0, "process")
+
+    groups = {
+        key("supervised"): rows("supervised", {0: 0.80, 1: 0.90, 2: 0.70}),
+        # seed 3 has no supervised partner and must be left out of the pairing
+        key("bound"): rows("bound", {0: 0.85, 1: 0.95, 2: 0.75, 3: 0.10}),
+    }
+    table = paired_table(groups)
+    assert "| phantom | bound | 5 | 1.0 min process | +0.050 [+0.050, +0.050] | 3/3 seeds |" in table
