@@ -3,7 +3,7 @@
 Run under a display, e.g.::
 
     LIBGL_ALWAYS_SOFTWARE=1 xvfb-run -a -s "-screen 0 1600x1000x24" \\
-        python docs/make_screenshots.py --steps 150
+        python docs/make_screenshots.py --steps 300 --translation-steps 150
 
 It opens the phantom sample, tags slices, trains ``supervised`` through the Train widget and
 shoots the prediction; then, when the ``translation`` method is registered, trains it and
@@ -13,6 +13,8 @@ shoots its residual, healthy and sampled-tumour layers.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +50,13 @@ def _train(app, w, method, steps, params=None, scratch=True):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300, help="supervised steps (the widget's default)")
     ap.add_argument("--translation-steps", type=int, default=150)
     ap.add_argument("--backend", default="process")
     args = ap.parse_args(argv)
+    # The widget lists every run kept in the runs folder; a fresh one shows only this script's.
+    runs = tempfile.TemporaryDirectory(prefix="semiseg-screenshots-")
+    os.environ["SEMISEG_RUNS_DIR"] = runs.name
     from qtpy.QtWidgets import QApplication
 
     import napari
@@ -68,14 +73,12 @@ def main(argv=None):
     viewer.window.add_dock_widget(tags, name="Weak tags", area="right")
     w = TrainWidget(viewer, backend=args.backend)
     viewer.window.add_dock_widget(w, name="Train", area="right")
-    w.crop_spin.setValue(64)
-    w.params.set_value("features", (16, 32, 64))
     z = 24
     viewer.dims.set_point(0, z)
     _wait(app, lambda: True)
     viewer.screenshot(str(IMG / "open-sample.png"), canvas_only=False)
 
-    _train(app, w, "supervised", args.steps, {"features": (16, 32, 64)})
+    _train(app, w, "supervised", args.steps)
     if "phantom uncertainty" in viewer.layers:  # from the embedded suggestion list
         viewer.layers["phantom uncertainty"].visible = False
     viewer.layers["phantom labels"].visible = False

@@ -57,3 +57,25 @@ def test_suggest_tags_from_labels(sample_viewer):
     tags = get_tags(labels)
     assert (tags[painted] == DISEASED).all()
     assert (tags[~painted][1:] == UNKNOWN).all() if not painted[0] else True
+
+
+def test_summary_keeps_its_lines_in_a_narrow_dock(make_napari_viewer, qtbot):
+    """Long listings must not push the summary under the strip or widen the dock."""
+    viewer = make_napari_viewer()
+    labels = viewer.add_labels(np.zeros((120, 16, 16), np.uint8), name="long scan labels")
+    labels.metadata[TAGS_KEY] = np.where(np.arange(120) % 3 == 0, HEALTHY, DISEASED).astype(np.int8)
+    w = TagWidget(viewer)
+    w.labels_combo.setCurrentText("long scan labels")
+    w.refresh()
+    assert w.minimumSizeHint().width() < 450
+    w.resize(280, w.minimumSizeHint().height())
+    w.show()
+    qtbot.waitExposed(w)
+    lines = w.summary.fontMetrics().lineSpacing()
+    assert w.summary.geometry().top() >= w.strip.geometry().bottom()
+    # the text fits the height the layout gave it (a wrapped label needed more than it got)
+    s = w.summary
+    needed = s.heightForWidth(s.width()) if s.hasHeightForWidth() else s.sizeHint().height()
+    assert s.height() >= max(needed, 3 * lines)
+    assert w.suggest_button.geometry().top() >= w.summary.geometry().bottom()
+    assert w.summary.toolTip() == w.summary.text() and "healthy 40 [0, 3, 6" in w.summary.text()

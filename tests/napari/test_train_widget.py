@@ -275,3 +275,20 @@ def test_run_store_that_cannot_be_written_does_not_fail_training(qtbot, make_tra
     assert w.last_result.run is None and "runs folder" in w.last_result.run_error
     assert "run not kept" in w.status.text()
     assert w.runs_combo.count() == 0
+
+
+def test_long_layer_names_and_run_descriptions_do_not_widen_the_docks(make_train_widget, sample_viewer, phantom):
+    from semiseg.napari._tags import TagWidget
+
+    long_name = "scan labels " + "very long name " * 20
+    w = make_train_widget(sample_viewer)
+    tags = TagWidget(sample_viewer)
+    before = w.minimumSizeHint().width(), tags.minimumSizeHint().width()
+    sample_viewer.add_labels(phantom.labels.copy(), name=long_name)
+    w.runs_combo.addItem("20261201-063415.232-supervised  supervised  300 steps " * 5, "")
+    assert w.labels_combo.findText(long_name) >= 0 and tags.labels_combo.findText(long_name) >= 0
+    w.labels_combo.setCurrentText(long_name)
+    after = w.minimumSizeHint().width(), tags.minimumSizeHint().width()
+    assert after == before and max(after) < 600, (before, after)
+    assert w.labels_combo.toolTip() == long_name  # the whole name, where the box cuts it
+    assert "training runs kept in" in w.runs_combo.toolTip()

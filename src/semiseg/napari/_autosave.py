@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
-    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -26,6 +25,7 @@ from qtpy.QtWidgets import (
 
 from ..autosave import Autosaver, default_store_path, find_autosave, image_identity, restore
 from ..data import InputError
+from ._combo import narrow_combo
 from ._layers import get_tags, is_overlay, set_tags
 
 
@@ -84,7 +84,7 @@ class AutosaveWidget(QWidget):
         self._tags = None
         self._found = None
 
-        self.labels_box = QComboBox()
+        self.labels_box = narrow_combo()
         self.folder = QLineEdit()
         self.folder.setPlaceholderText("beside the image file")
         self.folder.setToolTip("Autosave folder; empty = beside the image file")

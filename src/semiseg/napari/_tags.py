@@ -11,15 +11,16 @@ import numpy as np
 from qtpy.QtCore import QSize, QTimer, Signal
 from qtpy.QtGui import QColor, QPainter
 from qtpy.QtWidgets import (
-    QComboBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
 
 from ..data import DISEASED, HEALTHY, UNKNOWN, suggest_tags
+from ._combo import narrow_combo
 from ._layers import current_slice, get_tags, is_overlay, set_tags
 
 TAG_NAMES = {HEALTHY: "healthy", DISEASED: "diseased", UNKNOWN: "unknown"}
@@ -86,7 +87,7 @@ class TagWidget(QWidget):
         lay = QVBoxLayout(self)
         row = QHBoxLayout()
         row.addWidget(QLabel("Labels"))
-        self.labels_combo = QComboBox()
+        self.labels_combo = narrow_combo()
         row.addWidget(self.labels_combo, 1)
         lay.addLayout(row)
         self.status = QLabel()
@@ -103,8 +104,11 @@ class TagWidget(QWidget):
         self.strip = TagStrip()
         self.strip.clicked.connect(self.go_to)
         lay.addWidget(self.strip)
+        # One line per kind, cut at the dock's edge (counts first, the whole text in the
+        # tooltip): a word-wrapped label grows taller than Qt gives it in a narrow dock and
+        # its lines were drawn under the strip.
         self.summary = QLabel()
-        self.summary.setWordWrap(True)
+        self.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         lay.addWidget(self.summary)
         self.suggest_button = QPushButton("Suggest tags from labels (painted slices -> diseased)")
         self.suggest_button.clicked.connect(self.suggest)
@@ -226,3 +230,4 @@ class TagWidget(QWidget):
             f"annotated {listing(annotated)}\nhealthy {listing(tags == HEALTHY)}\n"
             f"diseased {listing(tags == DISEASED)}"
         )
+        self.summary.setToolTip(self.summary.text())

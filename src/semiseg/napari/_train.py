@@ -45,6 +45,7 @@ from ..engine import TrainConfig, resolve_device
 from ..methods import get_method, list_methods
 from ..model import Model
 from . import _jobs
+from ._combo import narrow_combo
 from ._layers import current_slice, get_tags, is_overlay, upsert
 from ._lossplot import LossPlot
 from ._params import ParamsForm
@@ -168,7 +169,7 @@ class TrainWidget(QWidget):
         self.image_list.setMaximumHeight(80)
         self.image_list.setToolTip("Checked image layers become the channels of the input")
         form.addRow("Image(s)", self.image_list)
-        self.labels_combo = QComboBox()
+        self.labels_combo = narrow_combo()
         form.addRow("Labels", self.labels_combo)
         lay.addWidget(box)
 
@@ -295,8 +296,7 @@ class TrainWidget(QWidget):
         v.addLayout(row)
         # Every training run is kept (semiseg.runs); any can be loaded back.
         row = QHBoxLayout()
-        self.runs_combo = QComboBox()
-        self.runs_combo.setToolTip(f"training runs kept in {self.runs_dir}")
+        self.runs_combo = narrow_combo(tooltip=f"training runs kept in {self.runs_dir}")
         row.addWidget(self.runs_combo, 1)
         self.rollback_button = QPushButton("Roll back")
         self.rollback_button.setToolTip("load the chosen run's model (the runs themselves are kept)")
@@ -304,7 +304,7 @@ class TrainWidget(QWidget):
         row.addWidget(self.rollback_button)
         v.addLayout(row)
         row = QHBoxLayout()
-        self.export_combo = QComboBox()
+        self.export_combo = narrow_combo()
         row.addWidget(self.export_combo, 1)
         self.export_button = QPushButton("Export mask...")
         self.export_button.clicked.connect(self._export_dialog)
