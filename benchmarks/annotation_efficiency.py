@@ -161,70 +161,77 @@ def variant(row: dict) -> str:
     return row["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def group_table(groups: dict[tuple, list[dict]], columns: list[str], cells) -> str:
+    """Markdown table with one row per group: ``sample | method | K | budget`` then ``cells``.
+
+    ``cells(key, rows)`` returns the remaining cells of a group's row, or ``None`` to leave the
+    group out; a table with no rows is ``""``.
+    """
+    header = ["sample", "method", "K", "budget", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, rs in sorted(groups.items()):
+        row = cells(key, rs)
+        if row is not None:
+            sample, method, k, budget, clock = key
+            lines.append(f"| {sample} | {method} | {k} | {budget} min {clock} | " + " | ".join(row) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def paired_table(groups: dict[tuple, list[dict]], baseline: str = "supervised") -> str:
     """Each method minus ``baseline`` on the same seeds (same volume, same crops drawn first).
 
     Every seed is a different synthetic volume and the seed-to-seed spread is large, so the
     paired difference with a bootstrap interval over seeds is the fair comparison.
     """
-    lines = [
-        f"| sample | method | K | budget | Dice minus `{baseline}` (mean [95 % interval]) | better on |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (sample, method, k, budget, clock), rs in sorted(groups.items()):
+
+    def cells(key, rs):
+        sample, method, k, budget, clock = key
         base = groups.get((sample, baseline, k, budget, clock))
         if method == baseline or not base:
-            continue
+            return None
         base_by_seed = {r["seed"]: r["dice"] for r in base}
         pairs = [(r["dice"], base_by_seed[r["seed"]]) for r in rs if r["seed"] in base_by_seed]
         if len(pairs) < 2:
-            continue
+            return None
         a, b = np.array(pairs).T
         m, lo, hi = paired_difference(a, b)
-        lines.append(
-            f"| {sample} | {method} | {k} | {budget} min {clock} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-            f"| {int((a > b).sum())}/{len(a)} seeds |"
-        )
-    return "\n".join(lines) if len(lines) > 2 else ""
+        return [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{int((a > b).sum())}/{len(a)} seeds"]
+
+    return group_table(groups, [f"Dice minus `{baseline}` (mean [95 % interval])", "better on"], cells)
 
 
 def whole_slice_table(groups: dict[tuple, list[dict]]) -> str:
     """Dice of the same weights predicting in windows (``dice``) and whole slices, where recorded."""
-    lines = [
-        "| sample | method | K | budget | windows (default) | whole slices | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (sample, method, k, budget, clock), rs in sorted(groups.items()):
+
+    def cells(key, rs):
         rs = [r for r in rs if "dice_whole_slices" in r]
         if not rs:
-            continue
+            return None
         d = np.array([r["dice"] for r in rs])
         w = np.array([r["dice_whole_slices"] for r in rs])
-        lines.append(
-            f"| {sample} | {method} | {k} | {budget} min {clock} | {d.mean():.3f} ± {d.std():.3f} "
-            f"| {w.mean():.3f} ± {w.std():.3f} | {len(rs)} |"
-        )
-    return "\n".join(lines) if len(lines) > 2 else ""
+        return [f"{d.mean():.3f} ± {d.std():.3f}", f"{w.mean():.3f} ± {w.std():.3f}", str(len(rs))]
+
+    return group_table(groups, ["windows (default)", "whole slices", "seeds"], cells)
 
 
 def error_table(groups: dict[tuple, list[dict]]) -> str:
     """Where the errors lie (:func:`error_anatomy`), summed over the seeds that recorded it."""
-    lines = [
-        "| sample | method | K | budget | false negatives: in wholly missed regions | "
-        "false positives: in wholly false regions | truth voxels | seeds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (sample, method, k, budget, clock), rs in sorted(groups.items()):
+
+    def cells(key, rs):
         es = [r["errors"] for r in rs if "errors" in r]
         if not es:
-            continue
-        tot = {key: sum(e[key] for e in es) for key in es[0]}
-        lines.append(
-            f"| {sample} | {method} | {k} | {budget} min {clock} "
-            f"| {tot['fn_in_missed_regions']:,} of {tot['fn']:,} | {tot['fp_in_false_regions']:,} of {tot['fp']:,} "
-            f"| {tot['truth_voxels']:,} | {len(es)} |"
-        )
-    return "\n".join(lines) if len(lines) > 2 else ""
+            return None
+        tot = {name: sum(e[name] for e in es) for name in es[0]}
+        return [
+            f"{tot['fn_in_missed_regions']:,} of {tot['fn']:,}",
+            f"{tot['fp_in_false_regions']:,} of {tot['fp']:,}",
+            f"{tot['truth_voxels']:,}",
+            str(len(es)),
+        ]
+
+    columns = ["false negatives: in wholly missed regions", "false positives: in wholly false regions",
+               "truth voxels", "seeds"]
+    return group_table(groups, columns, cells)
 
 
 def report(path: Path, out_md: Path, out_png: Path) -> str:
