@@ -85,7 +85,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     from semiseg.metrics import dice_per_class
 
     torch.set_num_threads(args.threads)
-    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k)
+    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k, placement=args.placement)
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
         batch_size=args.batch_size, crop=args.crop if sample_kind == "phantom" else min(args.crop, 48),
@@ -120,7 +120,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
         "steps": h["steps"], "train_seconds": round(train_s, 1),
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
         "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
-        "every_slice_labelled": bool(args.every_slice_labelled),
+        "every_slice_labelled": bool(args.every_slice_labelled), "placement": args.placement,
         "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -158,6 +158,8 @@ def variant(row: dict) -> str:
         extra.append(f"anneal {row['anneal']}")
     if row.get("every_slice_labelled"):
         extra.append("every slice labelled")
+    if row.get("placement", "even") != "even":
+        extra.append(f"{row['placement']} slices")
     return row["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -299,6 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "digits"])
     p.add_argument("--k", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--placement", choices=["even", "clustered", "random"], default="even",
+                   help="where the K annotated slices lie among the structure-bearing slices")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=1.0, help="training budget per run")
     p.add_argument("--clock", choices=["wall", "process"], default="process")

@@ -56,3 +56,30 @@ def test_sparse_labels_spreads_slices():
 def test_unknown_sample_kind():
     with pytest.raises(ValueError, match="unknown sample"):
         semiseg.make_sample("cats")
+
+
+@pytest.mark.parametrize("placement", ["clustered", "random"])
+def test_seeded_placements_are_deterministic_and_differ_between_seeds(placement):
+    truth = np.zeros((40, 4, 4), np.uint8)
+    truth[5:35, 1, 1] = 1
+    picks = [np.flatnonzero(sparse_labels(truth, 4, placement=placement, seed=s).any((1, 2))) for s in range(6)]
+    again = np.flatnonzero(sparse_labels(truth, 4, placement=placement, seed=3).any((1, 2)))
+    assert np.array_equal(picks[3], again)
+    assert all(len(p) == 4 and set(p) <= set(range(5, 35)) for p in picks)
+    assert len({tuple(p) for p in picks}) > 1
+
+
+def test_clustered_placement_is_contiguous_within_the_first_part_of_the_range():
+    truth = np.zeros((40, 4, 4), np.uint8)
+    truth[5:35, 1, 1] = 1
+    for seed in range(10):
+        idx = np.flatnonzero(sparse_labels(truth, 5, placement="clustered", seed=seed).any((1, 2)))
+        assert np.array_equal(idx, np.arange(idx[0], idx[0] + 5))
+        assert idx[0] <= 5 + (30 - 5) // 2  # the other part of the range stays unseen
+    even = np.flatnonzero(sparse_labels(truth, 5).any((1, 2)))
+    assert np.diff(even).min() > 1
+
+
+def test_unknown_placement_is_refused():
+    with pytest.raises(ValueError, match="placement"):
+        sparse_labels(np.ones((4, 2, 2), np.uint8), 2, placement="nowhere")

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 
 from .data import DISEASED, HEALTHY
 
-__all__ = ["Sample", "make_digits", "make_phantom", "make_sample", "sparse_labels"]
+__all__ = ["PLACEMENTS", "Sample", "make_digits", "make_phantom", "make_sample", "sparse_labels"]
 
 
 @dataclasses.dataclass
@@ -44,8 +44,19 @@ class Sample:
         return np.flatnonzero(self.labels.reshape(len(self.labels), -1).any(1))
 
 
-def sparse_labels(truth: np.ndarray, k: int, *, candidates: np.ndarray | None = None) -> np.ndarray:
-    """Copy the truth of ``k`` evenly spread slices (among ``candidates``) into empty labels.
+#: How annotated slices are placed among the candidates (see :func:`sparse_labels`).
+PLACEMENTS = ("even", "clustered", "random")
+
+
+def sparse_labels(
+    truth: np.ndarray,
+    k: int,
+    *,
+    candidates: np.ndarray | None = None,
+    placement: str = "even",
+    seed: int = 0,
+) -> np.ndarray:
+    """Copy the truth of ``k`` slices (among ``candidates``) into empty labels.
 
     Parameters
     ----------
@@ -54,17 +65,42 @@ def sparse_labels(truth: np.ndarray, k: int, *, candidates: np.ndarray | None = 
         Number of slices to annotate; 0 gives empty labels.
     candidates : ndarray of int, optional
         Slices to choose from; default: slices holding any foreground.
+    placement : {"even", "clustered", "random"}
+        ``even``: evenly spaced quantiles of the candidates, like a user spreading labels
+        through a scan. ``clustered``: ``k`` consecutive candidates starting at a seeded
+        position in the first half of the candidates, like a user painting the slices around
+        where they first saw the lesion. ``random``: ``k`` candidates drawn without
+        replacement.
+    seed : int
+        Seeds ``clustered`` and ``random`` placement (``even`` ignores it).
+
+    Raises
+    ------
+    ValueError
+        For an unknown placement.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     labels = np.zeros_like(truth)
     if k <= 0:
         return labels
     if candidates is None:
         candidates = np.flatnonzero(truth.reshape(len(truth), -1).any(1))
+    candidates = np.sort(np.asarray(candidates))
     if len(candidates) == 0:
         return labels
     k = min(k, len(candidates))
-    # Evenly spaced quantiles of the candidates, like a user spreading labels through a scan.
-    pos = np.round((np.arange(k) + 0.5) * len(candidates) / k - 0.5).astype(int)
+    if placement == "even":
+        pos = np.round((np.arange(k) + 0.5) * len(candidates) / k - 0.5).astype(int)
+    else:
+        rng = np.random.default_rng([seed, 7411])  # its own stream: the volume's is untouched
+        if placement == "clustered":
+            # Contiguous among the candidates; starting in the first half leaves the other
+            # half of the structure-bearing range unseen.
+            start = int(rng.integers(0, max(1, (len(candidates) - k) // 2 + 1)))
+            pos = np.arange(start, start + k)
+        else:
+            pos = np.sort(rng.choice(len(candidates), size=k, replace=False))
     for i in candidates[pos]:
         labels[i] = truth[i]
     return labels
@@ -83,6 +119,7 @@ def make_phantom(
     n_tumours: int | None = None,
     labelled: int = 5,
     noise: float = 0.04,
+    placement: str = "even",
 ) -> Sample:
     """A CT/MRI-like phantom: textured organ, vessels, irregular tumours that push tissue aside.
 
@@ -102,6 +139,8 @@ def make_phantom(
         Slices whose truth is copied into ``labels``.
     noise : float
         Noise standard deviation relative to the organ intensity.
+    placement : {"even", "clustered", "random"}
+        Where the ``labelled`` slices lie (see :func:`sparse_labels`).
 
     Returns
     -------
@@ -179,7 +218,7 @@ def make_phantom(
     truth = truth.astype(np.uint8)
     has = truth.reshape(shape[0], -1).any(1)
     tags = np.where(has, DISEASED, HEALTHY).astype(np.int8)
-    return Sample(image, truth, sparse_labels(truth, labelled), tags, "phantom")
+    return Sample(image, truth, sparse_labels(truth, labelled, placement=placement, seed=seed), tags, "phantom")
 
 
 def _digits():
@@ -201,6 +240,7 @@ def make_digits(
     labelled: int = 5,
     labelled_digit: int | None = None,
     split: str = "train",
+    placement: str = "even",
 ) -> Sample:
     """The cluttered-digits task of Vorontsov et al. as a stack of 2D slices.
 
@@ -270,7 +310,7 @@ def make_digits(
     cand = np.flatnonzero(~healthy)
     if labelled_digit is not None:
         cand = cand[which[cand] == labelled_digit]
-    labels = sparse_labels(truth, labelled, candidates=cand)
+    labels = sparse_labels(truth, labelled, candidates=cand, placement=placement, seed=seed)
     tags = np.where(healthy, HEALTHY, DISEASED).astype(np.int8)
     return Sample(image, truth, labels, tags, "digits")
 
