@@ -12,13 +12,15 @@ True
 
 __version__ = "0.1.0"
 
-from .data import DISEASED, HEALTHY, UNKNOWN, InputError, Normaliser, make_pools, read_weak_csv
-from .engine import PredictionError, Progress, TrainConfig, TrainingError, iter_train, run, train
+from .data import DISEASED, HEALTHY, UNKNOWN, Normaliser, make_pools, read_weak_csv
+from .engine import TrainConfig, iter_train, train
+from .errors import InputError, ModelFileError, PredictionError, TrainingError
 from .inference import iter_predict_volume, predict_volume, sample_tumours
 from .io import read_volume, write_volume
 from .methods import get_method, list_methods
 from .metrics import dice_per_class
-from .model import Model, ModelFileError, load_model
+from .model import Model, load_model
+from .progress import Progress, run
 from .synthetic import make_digits, make_phantom, make_sample
 
 __all__ = [

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError
+from .errors import InputError
+from .io import atomic_path
 
 __all__ = [
     "AutosaveInfo",
@@ -226,8 +227,6 @@ def _now() -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    from .io import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=1)
@@ -462,8 +461,6 @@ class Autosaver:
 
     def _write(self, full, slices, tags, shape, dtype) -> None:
         import zarr
-
-        from .io import atomic_path
 
         meta_old = _read_meta(self.store)
         if meta_old is not None and not self._session_wrote:

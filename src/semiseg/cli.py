@@ -160,17 +160,16 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def _progress_bar(total: int, desc: str):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 shows progress
-    return tqdm(
-        total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, disable=quiet
-    )
+    return progress_bar(total, desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=quiet)
 
 
 def _train(image, labels, tags, args, model=None):
-    from .engine import TrainConfig, iter_train, run
+    from .engine import TrainConfig, iter_train
     from .methods import get_method
+    from .progress import run
 
     if model is None:
         get_method(args.method)  # unknown names fail before any work
@@ -186,28 +185,22 @@ def _train(image, labels, tags, args, model=None):
     )
     # Run the first step (input validation) before opening a progress bar.
     first = next(gen)
-    with _progress_bar(config.steps, f"train {args.method}") as bar:
-
-        def update(p):
-            bar.n = p.step
-            bar.set_postfix({k: f"{v:.3f}" for k, v in p.losses.items()}, refresh=False)
-            bar.refresh()
-
+    with _progress_bar(config.steps, f"train {args.method}") as update:
         update(first)
         return run(gen, update)
 
 
 def _predict(model, image, *, batch_size, outputs=(), probabilities=False):
-    from .engine import run
     from .inference import iter_predict_volume
+    from .progress import run
 
     n = image.shape[-3 + model.axis] if len(image.shape) >= 3 else 0
     gen = iter_predict_volume(
         model, image, batch_size=batch_size, outputs=outputs, probabilities=probabilities
     )
     next(gen)  # input validation happens before the first record: no bar for bad input
-    with _progress_bar(n, "predict") as bar:
-        return run(gen, lambda p: (setattr(bar, "n", p.step), bar.refresh()))
+    with _progress_bar(n, "predict") as update:
+        return run(gen, update)
 
 
 def _load_tags(path, labels, axis):
@@ -299,7 +292,7 @@ def cmd_rollback(args) -> int:
 
 
 def _device(name):
-    from .engine import resolve_device
+    from .device import resolve_device
 
     return resolve_device(name)
 
@@ -358,18 +351,14 @@ def _chunked(args, image, outputs) -> bool:
 
 def _predict_chunked(model, image, args, extra, outputs) -> int:
     from .lazy import predict_to_zarr
+    from .progress import Progress
 
     paths = {"mask": args.output, "probabilities": args.prob, **{k: extra[k] for k in outputs}}
     n = image.shape[len(image.shape) - 3 + model.axis]
-    with _progress_bar(n, "predict") as bar:
-
-        def update(done, total):
-            bar.n = min(n, done * args.batch_size)
-            bar.refresh()
-
+    with _progress_bar(n, "predict") as update:
         written = predict_to_zarr(
             model, image, paths, batch_size=args.batch_size, scheduler=args.scheduler,
-            device=args.device, progress=update,
+            device=args.device, progress=lambda done, total: update(Progress(min(n, done * args.batch_size), n, {}, 0.0)),
         )
     names = [str(p) for p in written.values()]
     if args.tumours:
@@ -390,7 +379,7 @@ def _predict_chunked(model, image, args, extra, outputs) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import InputError
+    from .errors import InputError
     from .metrics import dice_per_class
 
     pred = np.asarray(_read(args.pred, "prediction"))
@@ -467,8 +456,8 @@ def cmd_demo(args) -> int:
 
 def cmd_suggest(args) -> int:
     from .data import as_channels, validate_labels
-    from .engine import run
     from .model import Model
+    from .progress import run
     from .suggest import format_suggestions, iter_uncertainty, suggest_slices
 
     if args.n < 1:
@@ -481,8 +470,8 @@ def cmd_suggest(args) -> int:
     tags = _load_tags(args.weak, labels, model.axis)
     gen = iter_uncertainty(model, image, tta=args.tta, batch_size=args.batch_size)
     first = next(gen)
-    with _progress_bar(first.total, "uncertainty") as bar:
-        result = run(gen, lambda p: (setattr(bar, "n", p.step), bar.refresh()))
+    with _progress_bar(first.total, "uncertainty") as update:
+        result = run(gen, update)
     found = suggest_slices(model, None, labels, n=args.n, tags=tags, spacing=args.spacing, result=result)
     if not found:
         print("every slice is annotated: nothing to suggest", file=sys.stderr)
@@ -506,8 +495,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 training fault, 2 bad input)."""
-    from .data import InputError
-    from .engine import PredictionError, TrainingError
+    from .errors import InputError, PredictionError, TrainingError
 
     args = build_parser().parse_args(argv)
     try:

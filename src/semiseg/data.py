@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+from .io import atomic_path
+
 __all__ = [
     "DISEASED",
     "HEALTHY",
@@ -37,10 +40,6 @@ __all__ = [
 
 #: Weak tag values, one per slice.
 UNKNOWN, HEALTHY, DISEASED = -1, 0, 1
-
-
-class InputError(ValueError):
-    """Raised for user input that cannot be used (wrong shape, dtype, empty labels, ...)."""
 
 
 # ----------------------------------------------------------------------------- validation
@@ -163,8 +162,6 @@ def read_weak_csv(path: str | Path, n_slices: int) -> np.ndarray:
 
 def write_weak_csv(path: str | Path, tags: np.ndarray) -> Path:
     """Write tagged slices (unknown ones are left out) as ``slice,diseased`` CSV."""
-    from .io import atomic_path
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import distributed as dist
 
+from .device import resolve_device
+
 __all__ = [
     "all_reduce_gradients",
     "any_true",
@@ -94,8 +96,6 @@ def init_from_env(device: str | torch.device = "auto", *, timeout_s: float = 180
     ValueError
         On inconsistent variables (rank outside the world, MPS with several ranks).
     """
-    from .engine import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world <= 1 or (dist.is_available() and dist.is_initialized()):

@@ -12,14 +12,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Generator
-from typing import Any
 
 import numpy as np
 import torch
 
-from .data import InputError, Normaliser, SliceSampler, as_channels, make_pools, validate_labels
+from . import distributed
+from .data import Normaliser, SliceSampler, as_channels, make_pools, validate_labels
+from .device import resolve_device
+from .errors import InputError, PredictionError, TrainingError, first_line, is_out_of_memory
+from .inference import predict_normalised_slices
 from .methods import get_method
 from .model import Model
+from .progress import Progress, progress_bar, run
 
 __all__ = [
     "PredictionError",
@@ -32,46 +36,6 @@ __all__ = [
     "seed_everything",
     "train",
 ]
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on a fault (non-finite loss, out of memory); the model keeps its last
-    good weights."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    """One progress report of a long job.
-
-    Attributes
-    ----------
-    step : int
-        Steps (or slices, for prediction) done.
-    total : int or None
-        Planned steps; None when bounded by time only.
-    losses : dict of str to float
-        Named losses of the last step (smoothed); names double as plot keys.
-    elapsed : float
-        Seconds since the job started.
-    phase : str
-        ``"train"`` or ``"predict"``.
-    preview : (Y, X) ndarray or None
-        Predicted mask of the preview slice, when one was computed at this step.
-    preview_index : int or None
-        The slice that ``preview`` shows.
-    """
-
-    step: int
-    total: int | None
-    losses: dict[str, float]
-    elapsed: float
-    phase: str = "train"
-    preview: np.ndarray | None = None
-    preview_index: int | None = None
-
-    @property
-    def fraction(self) -> float | None:
-        return None if not self.total else min(1.0, self.step / self.total)
 
 
 @dataclasses.dataclass
@@ -171,44 +135,6 @@ def _reset_learning_rates(method) -> None:
                 group["lr"] = group["initial_lr"]
 
 
-class PredictionError(TrainingError):
-    """Prediction stopped on a fault (out of memory even one slice at a time, non-finite
-    output, an error in the network); nothing was written."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` reports exhausted GPU or host memory."""
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-    )
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, shortened for one-line reports."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else "")[:limit]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else MPS, else CPU; errors for unavailable devices."""
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no CUDA device is available")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("MPS was requested but is not available")
-    return dev
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch generators."""
     random.seed(seed)
@@ -304,8 +230,6 @@ def iter_train(
     method_obj.tile_size = int(config.crop)
     if config.compile:
         _compile_nets(method_obj, config.compile)
-    from . import distributed
-
     multi = distributed.is_active()
     if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
         distributed.broadcast_parameters(method_obj)
@@ -437,20 +361,7 @@ def _compile_nets(method, backend: bool | str) -> None:
 
 def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:
     """Predicted ``(H, W)`` mask of one normalised ``(C, H, W)`` slice."""
-    from .inference import predict_normalised_slices
-
     return predict_normalised_slices(model.method, normalised[None])["mask"][0]
-
-
-def run(gen: Generator[Any, None, Any], callback: Callable[[Any], None] | None = None):
-    """Drive a progress generator to completion and return its result."""
-    while True:
-        try:
-            item = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(item)
 
 
 def train(image, labels, **kwargs) -> Model:
@@ -459,14 +370,6 @@ def train(image, labels, **kwargs) -> Model:
     gen = iter_train(image, labels, **kwargs)
     if not show:
         return run(gen)
-    from tqdm.auto import tqdm
-
     config = kwargs.get("config") or TrainConfig()
-    with tqdm(total=config.steps, unit="step") as bar:
-
-        def update(p: Progress):
-            bar.n = p.step
-            bar.set_postfix({k: f"{v:.3f}" for k, v in p.losses.items()}, refresh=False)
-            bar.refresh()
-
+    with progress_bar(config.steps) as update:
         return run(gen, update)

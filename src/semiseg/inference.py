@@ -15,15 +15,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import InputError, _pad_to, as_channels
-from .engine import PredictionError, Progress, first_line, is_out_of_memory, run
+from .data import _pad_to, as_channels
+from .errors import InputError, PredictionError, first_line, is_out_of_memory
 from .methods.base import Method
-from .model import Model
+from .progress import Progress, run
+
+if TYPE_CHECKING:  # a Model predicts through this module (Model.predict)
+    from .model import Model
 
 __all__ = ["apply_to_slices", "iter_predict_volume", "predict_normalised_slices", "predict_volume"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError
+from .errors import InputError
 
 __all__ = [
     "SUPPORTED_SUFFIXES",

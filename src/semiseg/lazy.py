@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError
-from .inference import check_prediction_inputs
-from .model import Model
+from .device import resolve_device
+from .errors import InputError, PredictionError
+from .inference import check_prediction_inputs, predict_normalised_slices
+from .io import _suffix, atomic_path
+from .model import FORMAT, FORMAT_VERSION, Model, _to_cpu
 
 __all__ = [
     "ModelHandle",
@@ -76,8 +78,6 @@ class ModelHandle:
 
             import torch
 
-            from .model import FORMAT, FORMAT_VERSION, _to_cpu
-
             state = _to_cpu(self._model.method.state_dict())
             state["opts"] = {}  # prediction needs no optimiser state
             payload = {
@@ -108,8 +108,6 @@ class ModelHandle:
                 import os
                 import tempfile
 
-                from .engine import resolve_device
-
                 fd, name = tempfile.mkstemp(suffix=".pt")
                 try:
                     with os.fdopen(fd, "wb") as fh:
@@ -139,14 +137,10 @@ def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dt
     Returns the mask slab ``(...)`` when only the mask is wanted, else a float32 stack
     ``(K [+ C * len(outputs)], ...)`` of probabilities and outputs (the mask is its argmax).
     """
-    from .inference import predict_normalised_slices
-
     model = handle.get()
     x = np.moveaxis(np.asarray(block, dtype=np.float32), axis + 1, 0)  # (B, C, H, W)
     pred = predict_normalised_slices(model.method, model.normaliser(x, channel_axis=1), outputs)
     if not np.isfinite(pred["probabilities"]).all():
-        from .engine import PredictionError
-
         raise PredictionError("the model produced non-finite values")
     if not probabilities and not outputs:
         return np.moveaxis(pred["mask"].astype(mask_dtype), 0, axis)
@@ -361,8 +355,6 @@ def predict_to_zarr(
     """
     import dask.array as da
     import zarr
-
-    from .io import _suffix, atomic_path
 
     paths = {k: Path(v) for k, v in paths.items() if v is not None}
     if "mask" not in paths:

@@ -16,19 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import InputError, Normaliser
+from .data import Normaliser
+from .errors import InputError, ModelFileError
+from .inference import predict_volume
+from .io import atomic_path
 from .methods import get_method
 from .methods.base import Method
 
-__all__ = ["FORMAT", "Model", "ModelFileError", "load_model"]
+__all__ = ["FORMAT", "Model", "ModelFileError", "load_model"]  # ModelFileError: from .errors
 
 #: Marker stored in every model file.
 FORMAT = "napari-semiseg-model"
 FORMAT_VERSION = 1
-
-
-class ModelFileError(InputError):
-    """A file that is not a readable napari-semiseg model."""
 
 
 @dataclasses.dataclass
@@ -73,8 +72,6 @@ class Model:
 
     def save(self, path: str | Path) -> Path:
         """Write the model to one file atomically and return its path."""
-        from .io import atomic_path
-
         payload = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -137,8 +134,6 @@ class Model:
 
     def predict(self, image, **kwargs):
         """Predict a whole volume; see :func:`semiseg.inference.predict_volume`."""
-        from .inference import predict_volume
-
         return predict_volume(self, image, **kwargs)
 
 

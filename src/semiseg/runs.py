@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .data import InputError
+from .errors import InputError
+from .io import atomic_path
 from .model import Model, ModelFileError
 
 __all__ = ["RunInfo", "default_runs_dir", "find_run", "list_runs", "rollback", "save_run"]
@@ -104,8 +105,6 @@ def save_run(
     InputError
         When the folder cannot be created or written (the store is left as it was).
     """
-    from .io import atomic_path
-
     folder = _runs_dir(model_path, runs_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -249,8 +248,6 @@ def rollback(model_path: str | Path, run_id: str, runs_dir: str | Path | None = 
     InputError
         For unknown runs, unreadable run files or unwritable folders; nothing changes then.
     """
-    from .io import atomic_path
-
     model_path = Path(model_path)
     run = find_run(model_path, run_id, runs_dir)
     Model.load(run.path)  # refuses damaged or unsafe files before touching anything

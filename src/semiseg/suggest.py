@@ -51,11 +51,12 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .data import HEALTHY, InputError, _check_tags, as_channels, validate_labels
-from .engine import Progress, run
+from .data import HEALTHY, _check_tags, as_channels, validate_labels
+from .errors import InputError
 from .inference import apply_to_slices
 from .methods.base import Method
 from .model import Model
+from .progress import Progress, run
 
 __all__ = [
     "TTA_TRANSFORMS",

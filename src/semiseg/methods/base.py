@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import importlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -12,12 +13,38 @@ import torch
 from torch import nn
 
 __all__ = [
+    "BUILTIN_MODULES",
     "Method",
     "MethodParams",
     "get_method",
     "list_methods",
     "register_method",
 ]
+
+#: Built-in method modules, in the order the CLI and the widget list them.
+BUILTIN_MODULES = (
+    "supervised",
+    "autoencoder",
+    "mean_teacher",
+    "entropy_min",
+    "mutual_info",
+    "translation",
+    "cyclegan",
+    "pyramid_gan",
+    "semantic_gan",
+)
+
+_loaded = False
+
+
+def _load_builtin_methods() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(f"{__package__}.{mod}")
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -39,8 +66,6 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def list_methods() -> list[str]:
     """Names of every registered method: built-ins in their listed order, then the others."""
-    from . import BUILTIN_MODULES, _load_builtin_methods
-
     _load_builtin_methods()
     order = {f"{__package__}.{m}": i for i, m in enumerate(BUILTIN_MODULES)}
     # Tests or users may import a method module before the registry: order does not follow.
@@ -55,8 +80,6 @@ def get_method(name: str) -> type[Method]:
     KeyError
         For unknown names (the message lists the known ones).
     """
-    from . import _load_builtin_methods
-
     _load_builtin_methods()
     try:
         return _REGISTRY[name]

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from ..data import InputError
+from ..errors import InputError
 from ..losses import dice_loss
 from ..nets.discriminators import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
 from ..nets.translation import TranslationNet
