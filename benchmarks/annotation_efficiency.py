@@ -108,9 +108,9 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
     # The same weights predicting every slice whole, as before prediction used windows of the
     # training crop (semiseg.inference): what the windows are worth.
-    tile, model.method.tile_size = model.method.tile_size, None
+    tile, model.tile_size = model.tile_size, None
     whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
-    model.method.tile_size = tile
+    model.tile_size = tile
     whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     h = model.history[-1]
     return {

@@ -37,10 +37,9 @@ def main(argv=None) -> int:
     for features in [(8, 16), (16, 32, 64, 128)]:
         method = get_method("supervised")(1, 2, params={"features": features})
         for tile in [None, *args.windows]:
-            method.tile_size = tile
-            predict_normalised_slices(method, x[:1, :, :128, :128])  # warm-up
+            predict_normalised_slices(method, x[:1, :, :128, :128], tile_size=tile)  # warm-up
             t0 = time.process_time()
-            predict_normalised_slices(method, x)
+            predict_normalised_slices(method, x, tile_size=tile)
             per_slice = (time.process_time() - t0) / args.slices
             print(json.dumps({
                 "features": list(features), "window": tile, "side": args.side,

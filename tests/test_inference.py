@@ -33,7 +33,7 @@ def test_predict_matches_slicewise_and_leaves_input(tiny_model, tiny_phantom):
     assert "probabilities" not in res
     assert array_hash(image) == h
     x = tiny_model.normaliser(image[4][None])[None]
-    one = predict_normalised_slices(tiny_model.method, x)
+    one = predict_normalised_slices(tiny_model.method, x, tile_size=tiny_model.tile_size)
     np.testing.assert_array_equal(one["mask"][0], res["mask"][4])
 
 

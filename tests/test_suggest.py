@@ -128,8 +128,8 @@ def test_tta_is_exact_for_an_equivariant_model():
     # also for odd-sized slices that get padded; a wrong inverse would scramble pixels.
     x = np.random.default_rng(0).normal(size=(3, 1, 13, 10)).astype(np.float32)
     method = Pointwise(1, 2)
-    u0, p0 = uncertainty_slices(method, x)
-    u1, p1 = uncertainty_slices(method, x, tta=True)
+    u0, p0 = uncertainty_slices(method, x, tile_size=None)
+    u1, p1 = uncertainty_slices(method, x, tta=True, tile_size=None)
     np.testing.assert_allclose(u1, u0, atol=1e-6)
     np.testing.assert_allclose(p1, p0, atol=1e-6)
     assert u0.shape == (3, 13, 10) and p0.shape == (3, 2, 13, 10)
@@ -138,14 +138,14 @@ def test_tta_is_exact_for_an_equivariant_model():
 def test_tta_changes_a_position_dependent_model():
     x = np.random.default_rng(0).normal(size=(2, 1, 16, 16)).astype(np.float32)
     method = Positional(1, 2)
-    u0, _ = uncertainty_slices(method, x)
-    u1, _ = uncertainty_slices(method, x, tta=True)
+    u0, _ = uncertainty_slices(method, x, tile_size=None)
+    u1, _ = uncertainty_slices(method, x, tta=True, tile_size=None)
     assert np.abs(u1 - u0).max() > 0.05
 
 
 def test_default_uncertainty_is_predictive_entropy():
     x = np.zeros((1, 1, 8, 8), np.float32)  # p = 0.5 everywhere -> entropy log 2
-    u, _ = uncertainty_slices(Pointwise(1, 2), x)
+    u, _ = uncertainty_slices(Pointwise(1, 2), x, tile_size=None)
     np.testing.assert_allclose(u, np.log(2), rtol=1e-6)
 
 
@@ -156,7 +156,7 @@ def test_overridden_uncertainty_is_used():
         def uncertainty(self, x):
             return torch.full((x.shape[0], *x.shape[2:]), 0.25)
 
-    u, _ = uncertainty_slices(Constant(1, 2), np.zeros((2, 1, 8, 8), np.float32), tta=True)
+    u, _ = uncertainty_slices(Constant(1, 2), np.zeros((2, 1, 8, 8), np.float32), tta=True, tile_size=None)
     np.testing.assert_allclose(u, 0.25)
 
 

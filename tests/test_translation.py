@@ -209,7 +209,7 @@ def test_missing_healthy_tags_is_a_clear_input_error():
 def test_predict_shapes(shape):
     m = make_method()
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    out = predict_normalised_slices(m, x, outputs=("healthy", "residual"))
+    out = predict_normalised_slices(m, x, outputs=("healthy", "residual"), tile_size=None)
     b, _, h, w = shape
     assert out["probabilities"].shape == (b, 2, h, w)
     assert out["mask"].shape == (b, h, w)

@@ -226,14 +226,14 @@ def iter_train(
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
     method_obj = model.method
     _reset_learning_rates(method_obj)
-    # Predict as trained: in windows of the training crop (see Method.tile_size).
-    method_obj.tile_size = int(config.crop)
+    # Predict as trained: in windows of the training crop (see Model.tile_size).
+    model.tile_size = int(config.crop)
     if config.compile:
         _compile_nets(method_obj, config.compile)
     multi = distributed.is_active()
     if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
         distributed.broadcast_parameters(method_obj)
-        method_obj.grad_sync = distributed.all_reduce_gradients
+        method_obj._grad_sync = distributed.all_reduce_gradients
         torch.manual_seed(distributed.rank_seed(config.seed))
     sampler = SliceSampler(
         image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
@@ -319,7 +319,7 @@ def iter_train(
             if preview is not None or step % config.report_every == 0 or step == config.steps:
                 yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
     finally:
-        method_obj.grad_sync = None
+        method_obj._grad_sync = None
         _reset_learning_rates(method_obj)
         good_state = None
         if dev.type == "cuda":  # hand cached activations back to the driver
@@ -361,7 +361,7 @@ def _compile_nets(method, backend: bool | str) -> None:
 
 def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:
     """Predicted ``(H, W)`` mask of one normalised ``(C, H, W)`` slice."""
-    return predict_normalised_slices(model.method, normalised[None])["mask"][0]
+    return predict_normalised_slices(model.method, normalised[None], tile_size=model.tile_size)["mask"][0]
 
 
 def train(image, labels, **kwargs) -> Model:

@@ -1,9 +1,11 @@
 """Whole-volume prediction, slice batch by slice batch.
 
-A slice no larger than the model's training crop (``Method.tile_size``) is predicted whole,
-padded by reflection to the network's size multiple and cropped back. A larger slice is
-predicted in overlapping windows of the training crop, blended with a Gaussian weight that
-favours window centres (as nnU-Net and MONAI's sliding-window inference do): the networks use
+A slice no larger than the model's window (:attr:`semiseg.model.Model.tile_size`, the training
+crop) is predicted whole, padded by reflection to the network's size multiple and cropped back.
+A larger slice is predicted in overlapping windows, blended with a Gaussian weight that favours
+window centres (:mod:`semiseg.windows`, as nnU-Net and MONAI's sliding-window inference do): a
+method may ask for other windows (:meth:`~semiseg.methods.base.Method.prediction_window`). The
+networks use
 instance normalisation, whose statistics change with the extent of the input, and a whole slice
 much larger than the crops the network learnt on is segmented far worse than its windows.
 Inputs are read one batch of slices at a time, so lazy (zarr, dask) volumes are never loaded
@@ -25,14 +27,20 @@ from .data import _pad_to, as_channels
 from .errors import InputError, PredictionError, first_line, is_out_of_memory
 from .methods.base import Method
 from .progress import Progress, run
+from .windows import WINDOW_OVERLAP, blend_windows, check_overlap, gaussian_window, window_starts
 
 if TYPE_CHECKING:  # a Model predicts through this module (Model.predict)
     from .model import Model
 
-__all__ = ["apply_to_slices", "iter_predict_volume", "predict_normalised_slices", "predict_volume"]
-
-#: Share of a window that its neighbour overlaps (MONAI's default).
-WINDOW_OVERLAP = 0.25
+__all__ = [
+    "WINDOW_OVERLAP",
+    "apply_to_slices",
+    "gaussian_window",
+    "iter_predict_volume",
+    "predict_normalised_slices",
+    "predict_volume",
+    "window_starts",
+]
 
 
 def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
@@ -56,31 +64,10 @@ def pad_to_multiple(method: Method, x: np.ndarray) -> tuple[torch.Tensor, tuple[
     return t, (slice(pt, pt + h), slice(pl, pl + w))
 
 
-def window_starts(size: int, tile: int, overlap: float = WINDOW_OVERLAP) -> list[int]:
-    """Starts of windows of side ``tile`` that cover ``[0, size)``, neighbours overlapping by at
-    least ``overlap * tile``, spread evenly so the last one ends at ``size``."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if size <= tile:
-        return [0]
-    stride = max(1, int(tile * (1 - overlap)))
-    n = math.ceil((size - tile) / stride) + 1
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def gaussian_window(tile: int, device: torch.device) -> torch.Tensor:
-    """``(tile, tile)`` blending weight: a Gaussian of sigma ``tile / 8`` (nnU-Net's choice),
-    floored so that every pixel of a window keeps a positive weight."""
-    r = torch.arange(tile, dtype=torch.float32, device=device) - (tile - 1) / 2
-    g = torch.exp(-(r**2) / (2 * (tile / 8) ** 2))
-    w = g[:, None] * g[None, :]
-    return (w / w.max()).clamp_min(1e-3)
-
-
-def _window_size(method: Method, h: int, w: int) -> int | None:
+def _window_size(method: Method, tile_size: int | None, h: int, w: int) -> int | None:
     """Window side for ``(h, w)`` slices (a multiple of the network's size multiple), or
     ``None`` when they are predicted whole."""
-    tile = method.tile_size
+    tile = method.prediction_window(tile_size)
     if not tile or (h <= tile and w <= tile):
         return None
     m = method.size_multiple
@@ -92,6 +79,7 @@ def apply_to_slices(
     x: np.ndarray,
     fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     *,
+    tile_size: int | None,
     overlap: float = WINDOW_OVERLAP,
 ) -> dict[str, torch.Tensor]:
     """Apply a per-pixel map ``fn`` to normalised slices, whole or window by window.
@@ -99,12 +87,17 @@ def apply_to_slices(
     Parameters
     ----------
     method : Method
-        Gives the device, the size multiple and :attr:`~semiseg.methods.base.Method.tile_size`.
+        Gives the device, the size multiple and the window
+        (:meth:`~semiseg.methods.base.Method.prediction_window` of ``tile_size``).
     x : (B, C, H, W) float32 ndarray
         Normalised slices of any size.
     fn : callable
         Maps a ``(B, C, h, w)`` tensor (``h``, ``w`` multiples of ``method.size_multiple``) to a
         dict of ``(B, c, h, w)`` tensors, e.g. class probabilities.
+    tile_size : int or None
+        Window side (the model's :attr:`~semiseg.model.Model.tile_size`); slices no larger are
+        predicted whole, and ``None`` predicts every slice whole unless the method asks for
+        windows. Required: a bare method does not know its model's window.
     overlap : float
         Share of a window overlapped by its neighbours when slices are larger than the window.
 
@@ -114,10 +107,9 @@ def apply_to_slices(
         On the method's device, cropped back to ``(H, W)``; window outputs are averaged with
         :func:`gaussian_window` weights.
     """
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    check_overlap(overlap)
     h, w = x.shape[-2:]
-    tile = _window_size(method, h, w)
+    tile = _window_size(method, tile_size, h, w)
     with torch.no_grad():
         if tile is None:
             t, (rows, cols) = pad_to_multiple(method, x)
@@ -126,25 +118,11 @@ def apply_to_slices(
         ph, pw = max(0, tile - h), max(0, tile - w)
         t = method.to_tensor(np.ascontiguousarray(_pad_to(x, (tile, tile)), dtype=np.float32))
         rows, cols = slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w)
-        big_h, big_w = t.shape[-2:]
-        weight = gaussian_window(tile, t.device)
-        total = torch.zeros((big_h, big_w), dtype=torch.float32, device=t.device)
-        acc: dict[str, torch.Tensor] = {}
-        for y in window_starts(big_h, tile, overlap):
-            for x0 in window_starts(big_w, tile, overlap):
-                win = (Ellipsis, slice(y, y + tile), slice(x0, x0 + tile))
-                for key, value in fn(t[win]).items():
-                    if key not in acc:
-                        acc[key] = torch.zeros(
-                            (value.shape[0], value.shape[1], big_h, big_w), dtype=torch.float32, device=t.device
-                        )
-                    acc[key][win] += value.float() * weight
-                total[win] += weight
-        return {k: (v / total)[..., rows, cols] for k, v in acc.items()}
+        return {k: v[..., rows, cols] for k, v in blend_windows(t, fn, tile, overlap).items()}
 
 
 def predict_normalised_slices(
-    method: Method, x: np.ndarray, outputs: Sequence[str] = ()
+    method: Method, x: np.ndarray, outputs: Sequence[str] = (), *, tile_size: int | None
 ) -> dict[str, np.ndarray]:
     """Predict a stack of normalised slices.
 
@@ -152,10 +130,12 @@ def predict_normalised_slices(
     ----------
     method : Method
     x : (B, C, H, W) float32 ndarray
-        Normalised slices of any size; slices larger than ``method.tile_size`` are predicted in
+        Normalised slices of any size; slices larger than ``tile_size`` are predicted in
         overlapping windows (see :func:`apply_to_slices`).
     outputs : sequence of str
         Extra method outputs to return (e.g. ``"residual"``), in normalised units.
+    tile_size : int or None
+        Window side (the model's :attr:`~semiseg.model.Model.tile_size`; None: whole slices).
 
     Returns
     -------
@@ -168,7 +148,7 @@ def predict_normalised_slices(
         res = method.predict(t)
         return {name: res[name] for name in ("probabilities", *outputs)}
 
-    res = apply_to_slices(method, x, predict)
+    res = apply_to_slices(method, x, predict, tile_size=tile_size)
     probs = res.pop("probabilities")
     out = {"probabilities": probs.cpu().numpy(), "mask": _argmax_classes(probs).cpu().numpy()}
     for name in outputs:
@@ -280,7 +260,9 @@ def iter_predict_volume(
             raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
         x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
         try:
-            pred = predict_normalised_slices(method, model.normaliser(x, channel_axis=1), outputs)
+            pred = predict_normalised_slices(
+                method, model.normaliser(x, channel_axis=1), outputs, tile_size=model.tile_size
+            )
         except InputError:
             raise
         except Exception as exc:

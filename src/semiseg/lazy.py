@@ -139,7 +139,9 @@ def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dt
     """
     model = handle.get()
     x = np.moveaxis(np.asarray(block, dtype=np.float32), axis + 1, 0)  # (B, C, H, W)
-    pred = predict_normalised_slices(model.method, model.normaliser(x, channel_axis=1), outputs)
+    pred = predict_normalised_slices(
+        model.method, model.normaliser(x, channel_axis=1), outputs, tile_size=model.tile_size
+    )
     if not np.isfinite(pred["probabilities"]).all():
         raise PredictionError("the model produced non-finite values")
     if not probabilities and not outputs:

@@ -34,20 +34,32 @@ FORMAT_VERSION = 1
 class Model:
     """A method instance plus what prediction needs to match training.
 
+    The model owns the prediction settings (``normaliser``, ``axis``, ``tile_size``): training
+    sets them, model files keep them (:meth:`config`, :meth:`load`) and prediction
+    (:mod:`semiseg.inference`, :mod:`semiseg.lazy`, :mod:`semiseg.suggest`) reads them from
+    here. A new setting is one more field with a default, written by :meth:`config` under its
+    own key and read by :func:`_prediction_settings` with that default for older files.
+
     Attributes
     ----------
     method : Method
     normaliser : Normaliser
+        Maps raw intensities to the network's range.
     axis : int
         Spatial slicing axis used in training.
     history : list of dict
         One record per training run: steps, losses, label budget, settings.
+    tile_size : int or None
+        Side of the square windows prediction slides over slices larger than it (the
+        training crop; see :meth:`~semiseg.methods.base.Method.prediction_window`); ``None``
+        predicts every slice whole.
     """
 
     method: Method
     normaliser: Normaliser
     axis: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tile_size: int | None = None
 
     @property
     def in_channels(self) -> int:
@@ -66,7 +78,7 @@ class Model:
             "num_classes": self.num_classes,
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
-            "tile_size": self.method.tile_size,
+            "tile_size": self.tile_size,
             "history": self.history,
         }
 
@@ -127,10 +139,10 @@ class Model:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelFileError(f"{path}: weights do not fit the model ({str(exc)[:200]})") from None
         try:
-            method.tile_size = _tile_size(cfg)
-        except (TypeError, ValueError) as exc:
+            settings = _prediction_settings(cfg)
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
-        return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"])
+        return cls(method, history=cfg["history"], **settings)
 
     def predict(self, image, **kwargs):
         """Predict a whole volume; see :func:`semiseg.inference.predict_volume`."""
@@ -160,6 +172,15 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _prediction_settings(cfg: dict) -> dict[str, Any]:
+    """The :class:`Model` prediction settings stored in a model file's configuration."""
+    return {
+        "normaliser": Normaliser.from_dict(cfg["normaliser"]),
+        "axis": cfg["axis"],
+        "tile_size": _tile_size(cfg),
+    }
 
 
 def _tile_size(cfg: dict) -> int | None:

@@ -151,7 +151,9 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log()).sum(1)
 
 
-def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def uncertainty_slices(
+    method: Method, x: np.ndarray, *, tile_size: int | None, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Uncertainty and class probabilities of a stack of normalised slices.
 
     Parameters
@@ -165,6 +167,8 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
         inverse. With the default uncertainty this is the entropy of the averaged probabilities
         (it grows where the augmented predictions disagree); a method that overrides
         ``uncertainty`` gets its maps averaged.
+    tile_size : int or None
+        Window side (the model's :attr:`~semiseg.model.Model.tile_size`; None: whole slices).
 
     Returns
     -------
@@ -188,7 +192,7 @@ def uncertainty_slices(method: Method, x: np.ndarray, *, tta: bool = False) -> t
             out["uncertainty"] = (unc / len(transforms))[:, None]
         return out
 
-    res = apply_to_slices(method, x, maps)
+    res = apply_to_slices(method, x, maps, tile_size=tile_size)
     probs = res["probabilities"]
     unc = res["uncertainty"][:, 0] if custom else _entropy(probs)
     return unc.cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)
@@ -455,7 +459,7 @@ def iter_uncertainty(
         idx[axis + 1] = slice(s, e)
         raw = np.asarray(image[tuple(idx)], dtype=np.float32)
         x = model.normaliser(np.moveaxis(raw, axis + 1, 0), channel_axis=1)  # (B, C, H, W)
-        unc, probs = uncertainty_slices(method, x, tta=tta)
+        unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
         mass[s:e] = slice_scores(unc, probs, threshold=threshold, margin=margin, outside_weight=outside_weight)
         desc = slice_descriptors(x)
         if descriptors is None:

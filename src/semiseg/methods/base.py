@@ -6,7 +6,7 @@ import abc
 import contextlib
 import dataclasses
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -130,14 +130,6 @@ class Method(abc.ABC):
     can_sample: ClassVar[bool] = False
     #: Whether the method learns from weak healthy/diseased tags.
     uses_tags: ClassVar[bool] = False
-    #: Side of the square windows prediction slides over slices larger than it (the training
-    #: crop: the engine sets it, model files keep it); ``None`` predicts every slice whole.
-    #: Instance-normalised networks see their statistics change with the input's extent, so a
-    #: whole slice much larger than the crops they learnt on is predicted worse than its tiles.
-    tile_size: int | None = None
-    #: Called with the optimiser between backward and step; the engine sets it to
-    #: :func:`semiseg.distributed.all_reduce_gradients` for multi-process training.
-    grad_sync: Any = None
 
     def __init__(
         self,
@@ -160,6 +152,7 @@ class Method(abc.ABC):
         )
         self._scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.step = 0
+        self._grad_sync: Callable[[torch.optim.Optimizer], None] | None = None
         self.nets: dict[str, nn.Module] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.build()
@@ -213,6 +206,28 @@ class Method(abc.ABC):
         """Pool name -> number of crops this method wants per step."""
         return {"labelled": batch_size}
 
+    def prediction_window(self, tile_size: int | None) -> int | None:
+        """Side of the square windows prediction slides over slices larger than it.
+
+        ``tile_size`` is the model's setting (:attr:`semiseg.model.Model.tile_size`, the
+        training crop); ``None`` predicts every slice whole. Instance-normalised networks see
+        their statistics change with the input's extent, so a whole slice much larger than the
+        crops they learnt on is predicted worse than its windows. A method whose networks take
+        one window of a fixed size overrides this hook (and then sees one window per
+        :meth:`predict` call).
+        """
+        return tile_size
+
+    @property
+    def tile_size(self):
+        # The window moved to the model (Model.tile_size): fail loudly on code that still
+        # sets it here, where it would silently do nothing.
+        raise AttributeError("Method.tile_size moved to Model.tile_size (see Method.prediction_window)")
+
+    @tile_size.setter
+    def tile_size(self, value):
+        raise AttributeError("Method.tile_size moved to Model.tile_size (see Method.prediction_window)")
+
     # ------------------------------------------------------------------ training helpers
     def autocast(self):
         """Autocast context: mixed precision on CUDA when ``amp`` is on, a no-op otherwise."""
@@ -222,10 +237,28 @@ class Method(abc.ABC):
         """Zero the optimiser's gradients, back-propagate ``loss`` (scaled for fp16) and step."""
         opt.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward(retain_graph=retain_graph)
-        if self.grad_sync is not None:
-            self.grad_sync(opt)
+        if self._grad_sync is not None:
+            self._grad_sync(opt)
         self._scaler.step(opt)
         self._scaler.update()
+
+    @property
+    def grad_sync(self) -> Callable[[torch.optim.Optimizer], None] | None:
+        """Called with the optimiser between backward and step (see :meth:`synchronised`)."""
+        return self._grad_sync
+
+    @contextlib.contextmanager
+    def synchronised(self, grad_sync: Callable[[torch.optim.Optimizer], None] | None) -> Iterator[None]:
+        """Call ``grad_sync(opt)`` between every backward and step inside the block.
+
+        The engine passes :func:`semiseg.distributed.all_reduce_gradients` for multi-process
+        training (``None`` leaves the gradients alone); the hook is removed on leaving.
+        """
+        self._grad_sync = grad_sync
+        try:
+            yield
+        finally:
+            self._grad_sync = None
 
     def to_tensor(self, x, dtype=torch.float32) -> torch.Tensor | None:
         if x is None:

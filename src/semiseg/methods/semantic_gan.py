@@ -34,6 +34,7 @@ from ..nets.stylegan import (
     SemanticStyleGenerator,
     WPlusEncoder,
 )
+from ..windows import blend_windows
 from .base import Method, MethodParams, register_method
 
 __all__ = [
@@ -419,12 +420,10 @@ class SemanticGAN(Method):
         return out
 
     # ------------------------------------------------------------------ inference
-    @staticmethod
-    def _starts(length: int, tile: int) -> list[int]:
-        if length <= tile:
-            return [0]
-        n = math.ceil((length - tile) / (tile / 2)) + 1
-        return sorted({round(i * (length - tile) / (n - 1)) for i in range(n)})
+    def prediction_window(self, tile_size: int | None) -> int | None:
+        """Always the training crop: the networks take one ``size x size`` window at the pixel
+        scale of training (a crop of ``train_crop`` pixels resized to ``size``)."""
+        return self.train_crop
 
     def invert(self, tiles: torch.Tensor, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """GAN inversion of ``(N, C, size, size)`` normalised tiles.
@@ -470,8 +469,26 @@ class SemanticGAN(Method):
         return ws, img.float(), seg.float()
 
     def predict(self, x, *, tto_steps: int | None = None):
+        """Predict by GAN inversion, one window of :meth:`prediction_window` at a time.
+
+        Inference hands this method one window per call; larger inputs (direct calls) go
+        through the same Gaussian-blended windows (:func:`semiseg.windows.blend_windows`).
+        """
+        tile = self.train_crop
+        h, w = x.shape[-2:]
+        if h <= tile and w <= tile:
+            return self._predict_window(x, tto_steps)
+        ph, pw = max(0, tile - h), max(0, tile - w)
+        xs = F.pad(x.float(), (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        with self.eval_mode():
+            res = blend_windows(xs, lambda t: self._predict_window(t, tto_steps), tile)
+        return {k: v[..., :h, :w] for k, v in res.items()}
+
+    def _predict_window(self, x, tto_steps: int | None = None):
+        """Predict slices no larger than ``train_crop``: resized to the training scale, padded
+        to ``size``, inverted ``tto_batch`` slices at a time, and mapped back."""
         p = self.params
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         scale = p.size / max(1, self.train_crop)
         hs, ws_ = max(1, round(h * scale)), max(1, round(w * scale))
         with self.eval_mode():
@@ -481,28 +498,12 @@ class SemanticGAN(Method):
             ph, pw = max(0, p.size - hs), max(0, p.size - ws_)
             if ph or pw:
                 xs = F.pad(xs, (0, pw, 0, ph), mode="replicate")
-            H, W = xs.shape[-2:]
-            ys, xs_ = self._starts(H, p.size), self._starts(W, p.size)
-            pos = [(i, y, x0) for i in range(b) for y in ys for x0 in xs_]
-            k = self.num_classes
-            probs = torch.zeros(b, k, H, W, device=self.device)
-            recon = torch.zeros(b, c, H, W, device=self.device)
-            weight = torch.zeros(b, 1, H, W, device=self.device)
-            idx = torch.arange(p.size, dtype=torch.float32)
-            ramp = torch.minimum(idx + 1, p.size - idx)  # triangular blending window
-            win = (ramp[:, None] * ramp[None, :]).to(self.device)[None]
-            for s in range(0, len(pos), p.tto_batch):
-                chunk = pos[s : s + p.tto_batch]
-                tiles = torch.stack([xs[i, :, y : y + p.size, x0 : x0 + p.size] for i, y, x0 in chunk])
-                _, img, seg = self.invert(tiles, tto_steps)
-                pr = torch.softmax(seg, 1)
-                for (i, y, x0), pi, ri in zip(chunk, pr, img):
-                    sl = (i, slice(None), slice(y, y + p.size), slice(x0, x0 + p.size))
-                    probs[sl] += pi * win
-                    recon[sl] += ri * win
-                    weight[sl] += win
-            probs = (probs / weight)[..., :hs, :ws_]
-            recon = (recon / weight)[..., :hs, :ws_]
+            probs, recon = [], []
+            for s in range(0, b, p.tto_batch):
+                _, img, seg = self.invert(xs[s : s + p.tto_batch], tto_steps)
+                probs.append(torch.softmax(seg, 1)[..., :hs, :ws_])
+                recon.append(img[..., :hs, :ws_])
+            probs, recon = torch.cat(probs), torch.cat(recon)
             if (hs, ws_) != (h, w):
                 probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
                 recon = F.interpolate(recon, size=(h, w), mode="bilinear", align_corners=False)
