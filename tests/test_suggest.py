@@ -13,7 +13,6 @@ import semiseg
 from semiseg.cli import main
 from semiseg.data import HEALTHY, UNKNOWN, InputError, Normaliser
 from semiseg.engine import run
-from semiseg.methods.base import Method
 from semiseg.model import Model
 from semiseg.suggest import (
     TTA_TRANSFORMS,
@@ -30,32 +29,10 @@ from semiseg.suggest import (
     uncertainty_volume,
 )
 
+from ._util import Pointwise
+
 
 # ----------------------------------------------------------------------------- helpers
-class Pointwise(Method):
-    """Analytic stand-in: p(foreground) = sigmoid(gain * x), pixel by pixel (not registered)."""
-
-    name = "pointwise-test"
-    summary = "test double"
-
-    def __init__(self, *args, gain: float = 4.0, **kwargs):
-        self.gain = gain
-        super().__init__(*args, **kwargs)
-
-    def build(self):
-        self.nets["seg"] = torch.nn.Identity()
-
-    def make_optimizers(self):
-        pass
-
-    def training_step(self, batch):
-        return {}
-
-    def predict(self, x):
-        p1 = torch.sigmoid(self.gain * x[:, :1])
-        return {"probabilities": torch.cat([1 - p1, p1], 1)}
-
-
 class Positional(Pointwise):
     """Not equivariant: the prediction depends on the column, so TTA must change it."""
 

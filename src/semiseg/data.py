@@ -316,6 +316,29 @@ class Normaliser:
             raise InputError("image contains NaN or Inf values")
         return out
 
+    def inverse(self, y: np.ndarray, *, channel_axis: int = 0, difference: bool = False) -> np.ndarray:
+        """Map normalised values back to image intensities (the inverse of calling it).
+
+        Parameters
+        ----------
+        y : ndarray
+            Normalised values, channels on ``channel_axis``.
+        difference : bool
+            ``y`` is a difference of normalised values (e.g. a residual): scaled, not shifted.
+
+        Returns
+        -------
+        float32 ndarray
+        """
+        y = np.asarray(y, dtype=np.float32)
+        shape = [1] * y.ndim
+        shape[channel_axis] = len(self.low)
+        lo = np.asarray(self.low, np.float32).reshape(shape)
+        hi = np.asarray(self.high, np.float32).reshape(shape)
+        if difference:
+            return y * (hi - lo) / 2
+        return (y + 1) * (hi - lo) / 2 + lo
+
     def to_dict(self) -> dict:
         return {"low": list(self.low), "high": list(self.high), "percentiles": list(self.percentiles)}
 

@@ -6,7 +6,6 @@ worker and stops it by closing it; scripts run it to completion with :func:`run`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
@@ -22,6 +21,7 @@ from .device import resolve_device
 from .errors import InputError, PredictionError, TrainingError, first_line, is_out_of_memory
 from .inference import predict_normalised_slices
 from .methods import get_method
+from .methods.base import state_to_cpu
 from .model import Model
 from .progress import Progress, progress_bar, run
 
@@ -247,7 +247,7 @@ def iter_train(
     deadline = clock_start + 60 * config.minutes if config.minutes else math.inf
     smoothed: dict[str, float] = {}
     last_preview = -math.inf
-    good_state = _snapshot(method_obj.state_dict())
+    good_state = state_to_cpu(method_obj.state_dict(), copy=True)
     step = 0
     yield Progress(0, config.steps, {}, 0.0)
     try:
@@ -308,7 +308,7 @@ def iter_train(
             if multi:
                 distributed.broadcast_buffers(method_obj)
             if step % 50 == 0:
-                good_state = _snapshot(method_obj.state_dict())
+                good_state = state_to_cpu(method_obj.state_dict(), copy=True)
             now = time.perf_counter()
             preview = idx = None
             if preview_index is not None and now - last_preview >= config.preview_every:
@@ -338,17 +338,6 @@ def iter_train(
             }
         )
     return model
-
-
-def _snapshot(state):
-    """A copy of a state dict with every tensor on the CPU (keeps GPU memory for training)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _snapshot(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_snapshot(v) for v in state)
-    return copy.deepcopy(state)
 
 
 def _compile_nets(method, backend: bool | str) -> None:

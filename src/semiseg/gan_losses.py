@@ -1,4 +1,5 @@
-"""Adversarial, cycle-consistency and feature-matching losses of the GAN methods.
+"""Adversarial (least-squares, hinge), cycle-consistency and feature-matching losses of the GAN
+methods.
 
 Every function returns a scalar tensor averaged over all elements, so loss weights do not depend
 on the crop size or the batch size.
@@ -12,6 +13,8 @@ References
    segmentation", arXiv:1908.11569, 2019.
 .. [4] T.-C. Wang et al., "High-resolution image synthesis and semantic manipulation with
    conditional GANs" (pix2pixHD), CVPR 2018.
+.. [5] H. Zhang et al., "Self-attention generative adversarial networks", ICML 2019 (hinge
+   loss); E. Vorontsov et al., IEEE TMI 2022, Eq. 11.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from torch.nn import functional as F
 
 __all__ = [
     "feature_matching_loss",
+    "hinge_d_loss",
+    "hinge_g_loss",
     "image_cycle_loss",
     "lsgan_d_loss",
     "lsgan_g_loss",
@@ -67,6 +72,39 @@ def lsgan_g_loss(fake_out) -> torch.Tensor:
     if not fake:
         raise ValueError("fake_out is empty")
     return torch.stack([((f.float() - 1) ** 2).mean() for f in fake]).mean()
+
+
+def hinge_d_loss(real_out, fake_out) -> torch.Tensor:
+    """Discriminator hinge loss ``mean_s E[max(0, 1 - D_s(real))] + mean_s E[max(0, 1 + D_s(fake))]``.
+
+    [5]_, written as the quantity the discriminator minimises (``-min(0, D - 1) = max(0, 1 - D)``).
+
+    Parameters
+    ----------
+    real_out, fake_out : Tensor or sequence of Tensor
+        Score maps on real and generated inputs, one tensor per discriminator scale; each side
+        is averaged over its scales.
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    real, fake = _as_list(real_out), _as_list(fake_out)
+    if not real or not fake:
+        raise ValueError("real_out and fake_out must hold at least one output each")
+    return (
+        torch.stack([F.relu(1 - r.float()).mean() for r in real]).mean()
+        + torch.stack([F.relu(1 + f.float()).mean() for f in fake]).mean()
+    )
+
+
+def hinge_g_loss(fake_out) -> torch.Tensor:
+    """Generator hinge loss ``-mean_s E[D_s(fake)]`` (averaged over scales)."""
+    fake = _as_list(fake_out)
+    if not fake:
+        raise ValueError("fake_out is empty")
+    return -torch.stack([f.float().mean() for f in fake]).mean()
 
 
 def image_cycle_loss(reconstruction: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

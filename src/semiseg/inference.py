@@ -243,8 +243,6 @@ def iter_predict_volume(
         res.setdefault("probabilities", np.zeros((k, *spatial), np.float32))
     for name in outputs:
         res.setdefault(name, np.zeros(image.shape, np.float32))
-    lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
-    hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="predict")
     s = 0
@@ -287,11 +285,9 @@ def iter_predict_volume(
         if probabilities:
             _put(res["probabilities"], axis + 1, s, e, pred["probabilities"])
         for name in outputs:
-            y = pred[name]
-            if method.outputs[name] == "difference":
-                y = y * (hi - lo) / 2
-            else:
-                y = (y + 1) * (hi - lo) / 2 + lo
+            y = model.normaliser.inverse(
+                pred[name], channel_axis=1, difference=method.outputs[name] == "difference"
+            )
             _put(res[name], axis + 1, s, e, y)
         yield Progress(e, n, {}, time.perf_counter() - start, phase="predict")
         s = e
@@ -333,7 +329,5 @@ def sample_tumours(model: Model, image, index: int, n: int, *, seed: int = 0) ->
     t, (rows, cols) = pad_to_multiple(method, x)
     with torch.no_grad():
         samples = method.sample_tumours(t, n, seed)[:, 0, :, rows, cols].float().cpu().numpy()
-    lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
-    hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
-    samples = (samples + 1) * (hi - lo) / 2 + lo
+    samples = model.normaliser.inverse(samples, channel_axis=1)
     return samples[:, 0] if squeeze else samples

@@ -31,7 +31,8 @@ from .device import resolve_device
 from .errors import InputError, PredictionError
 from .inference import check_prediction_inputs, predict_normalised_slices
 from .io import _suffix, atomic_path
-from .model import FORMAT, FORMAT_VERSION, Model, _to_cpu
+from .methods.base import state_to_cpu
+from .model import FORMAT, FORMAT_VERSION, Model
 
 __all__ = [
     "ModelHandle",
@@ -78,7 +79,7 @@ class ModelHandle:
 
             import torch
 
-            state = _to_cpu(self._model.method.state_dict())
+            state = state_to_cpu(self._model.method.state_dict())
             state["opts"] = {}  # prediction needs no optimiser state
             payload = {
                 "format": FORMAT,
@@ -147,12 +148,8 @@ def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dt
     if not probabilities and not outputs:
         return np.moveaxis(pred["mask"].astype(mask_dtype), 0, axis)
     parts = [pred["probabilities"]]
-    lo = np.asarray(model.normaliser.low, np.float32)[None, :, None, None]
-    hi = np.asarray(model.normaliser.high, np.float32)[None, :, None, None]
     for name in outputs:
-        y = pred[name]
-        y = y * (hi - lo) / 2 if kinds[name] == "difference" else (y + 1) * (hi - lo) / 2 + lo
-        parts.append(y)
+        parts.append(model.normaliser.inverse(pred[name], channel_axis=1, difference=kinds[name] == "difference"))
     stack = np.concatenate(parts, axis=1)  # (B, K + C*n, H, W)
     return np.moveaxis(stack, 0, axis + 1)
 

@@ -21,7 +21,7 @@ from .errors import InputError, ModelFileError
 from .inference import predict_volume
 from .io import atomic_path
 from .methods import get_method
-from .methods.base import Method
+from .methods.base import Method, state_to_cpu
 
 __all__ = ["FORMAT", "Model", "ModelFileError", "load_model"]  # ModelFileError: from .errors
 
@@ -88,7 +88,7 @@ class Model:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": json.dumps(self.config()),
-            "state": _to_cpu(self.method.state_dict()),
+            "state": state_to_cpu(self.method.state_dict()),
         }
         path = Path(path)
         try:
@@ -152,16 +152,6 @@ class Model:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model:
     """Load a model file; see :meth:`Model.load`."""
     return Model.load(path, device=device)
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _jsonable(obj):

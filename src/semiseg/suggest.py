@@ -54,7 +54,7 @@ from scipy import ndimage as ndi
 from .data import HEALTHY, _check_tags, as_channels, validate_labels
 from .errors import InputError
 from .inference import apply_to_slices
-from .methods.base import Method
+from .methods.base import Method, predictive_entropy
 from .model import Model
 from .progress import Progress, run
 
@@ -145,12 +145,6 @@ def _overrides_uncertainty(method: Method) -> bool:
     return type(method).uncertainty is not Method.uncertainty
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    # Same formula as Method.uncertainty, so both paths give identical maps.
-    p = p.float().clamp_min(1e-8)
-    return -(p * p.log()).sum(1)
-
-
 def uncertainty_slices(
     method: Method, x: np.ndarray, *, tile_size: int | None, tta: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +188,7 @@ def uncertainty_slices(
 
     res = apply_to_slices(method, x, maps, tile_size=tile_size)
     probs = res["probabilities"]
-    unc = res["uncertainty"][:, 0] if custom else _entropy(probs)
+    unc = res["uncertainty"][:, 0] if custom else predictive_entropy(probs)
     return unc.cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)
 
 

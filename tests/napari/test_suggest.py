@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from semiseg.data import HEALTHY, UNKNOWN, Normaliser
-from semiseg.methods.base import Method
 from semiseg.model import Model
 
 pytest.importorskip("napari")
 from qtpy.QtCore import Qt
+from tests._util import Pointwise
 
 from semiseg.napari import TAGS_KEY
 from semiseg.napari._suggest import SuggestionList
-
-
-class Pointwise(Method):
-    """p(foreground) = sigmoid(4 x) pixel by pixel: unsure exactly where the image is 0."""
-
-    name = "pointwise-widget-test"
-    summary = "test double"
-
-    def build(self):
-        self.nets["seg"] = torch.nn.Identity()
-
-    def make_optimizers(self):
-        pass
-
-    def training_step(self, batch):
-        return {}
-
-    def predict(self, x):
-        p1 = torch.sigmoid(4 * x[:, :1])
-        return {"probabilities": torch.cat([1 - p1, p1], 1)}
 
 
 def volume():

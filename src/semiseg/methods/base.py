@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy as _copy
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +19,10 @@ __all__ = [
     "MethodParams",
     "get_method",
     "list_methods",
+    "predictive_entropy",
     "register_method",
+    "set_requires_grad",
+    "state_to_cpu",
 ]
 
 #: Built-in method modules, in the order the CLI and the widget list them.
@@ -323,8 +327,7 @@ class Method(abc.ABC):
 
     def uncertainty(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel uncertainty ``(B, H, W)``: predictive entropy by default."""
-        p = self.predict(x)["probabilities"].float().clamp_min(1e-8)
-        return -(p * p.log()).sum(1)
+        return predictive_entropy(self.predict(x)["probabilities"])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -362,6 +365,35 @@ class Method(abc.ABC):
             opt.state.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def predictive_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy ``-sum_k p_k log p_k`` (nats) of ``(B, K, H, W)`` probabilities, as
+    ``(B, H, W)`` float32 (probabilities clamped at 1e-8)."""
+    p = p.float().clamp_min(1e-8)
+    return -(p * p.log()).sum(1)
+
+
+def set_requires_grad(nets: nn.Module | Iterable[nn.Module], flag: bool) -> None:
+    """Switch the gradients of every parameter of ``nets`` on or off (e.g. freeze the
+    discriminators while the generator steps)."""
+    for net in [nets] if isinstance(nets, nn.Module) else nets:
+        net.requires_grad_(flag)
+
+
+def state_to_cpu(state, *, copy: bool = False):
+    """A state dict (nested dicts, lists, tuples) with every tensor detached on the CPU.
+
+    With ``copy`` every tensor and value is a copy, so the result survives later training
+    steps (the engine's last good weights); without, CPU tensors are shared (saving).
+    """
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=copy)
+    if isinstance(state, dict):
+        return {k: state_to_cpu(v, copy=copy) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(state_to_cpu(v, copy=copy) for v in state)
+    return _copy.deepcopy(state) if copy else state
 
 
 def coerce_param(field: dataclasses.Field, value):

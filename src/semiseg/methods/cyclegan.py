@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from ..gan_losses import image_cycle_loss, lsgan_d_loss, lsgan_g_loss, mask_cycle_loss
 from ..losses import dice_loss, one_hot
 from ..nets.gan_blocks import PixelDiscriminator, ResnetGenerator
-from .base import Method, MethodParams, register_method
+from .base import Method, MethodParams, register_method, set_requires_grad
 
 __all__ = ["CycleGAN", "CycleGANParams", "HistoryPool"]
 
@@ -107,12 +107,6 @@ class HistoryPool:
             else:
                 out.append(s)
         return torch.stack(out)
-
-
-def _requires_grad(nets, flag: bool) -> None:
-    for net in nets:
-        for p in net.parameters():
-            p.requires_grad_(flag)
 
 
 @register_method
@@ -240,12 +234,12 @@ class CycleGAN(Method):
     def training_step(self, batch):
         self.train_mode()
         discs = [self.nets["disc_mask"], self.nets["disc_image"]]
-        _requires_grad(discs, False)
+        set_requires_grad(discs, False)
         try:
             terms, fakes = self.generator_terms(batch)
             self.optimise(self.generator_loss(terms), self.opts["gen"])
         finally:
-            _requires_grad(discs, True)
+            set_requires_grad(discs, True)
         d_terms = self.discriminator_terms(batch, fakes)
         self.optimise(d_terms["d_mask"] + d_terms["d_image"], self.opts["disc"])
         return {k: v.item() for k, v in {**terms, **d_terms}.items()}

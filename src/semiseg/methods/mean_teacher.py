@@ -17,7 +17,7 @@ from ..consistency import (
     unsupervised_weight,
 )
 from ..nets.unet import UNet
-from .base import register_method
+from .base import register_method, set_requires_grad
 from .supervised import Supervised, SupervisedParams
 
 
@@ -97,8 +97,7 @@ class MeanTeacher(Supervised):
         student = self._unet(p)
         self.nets["seg"] = student
         teacher = copy.deepcopy(student)
-        for q in teacher.parameters():
-            q.requires_grad_(False)
+        set_requires_grad(teacher, False)
         self.nets["teacher"] = teacher
 
     def _unet(self, p):

@@ -12,7 +12,7 @@ from ..gan_losses import feature_matching_loss, lsgan_d_loss, lsgan_g_loss
 from ..losses import dice_loss, one_hot
 from ..nets.gan_blocks import MultiViewPatchDiscriminator, SinGANGenerator
 from ..nets.unet import UNet
-from .base import Method, MethodParams, register_method
+from .base import Method, MethodParams, register_method, set_requires_grad
 
 __all__ = ["PyramidGAN", "PyramidGANParams"]
 
@@ -333,8 +333,7 @@ class PyramidGAN(Method):
         self.optimise(d_loss, self.opts[f"disc{lv}"])
 
         # --- generator and segmenter (disjoint parameters, one backward pass)
-        for q in disc.parameters():
-            q.requires_grad_(False)
+        set_requires_grad(disc, False)
         try:
             with self.autocast():
                 g_scores, g_feats = disc(torch.cat([x_g, y_l.to(x_g.dtype)], 1))
@@ -375,8 +374,7 @@ class PyramidGAN(Method):
                 self._scaler.step(o)
             self._scaler.update()
         finally:
-            for q in disc.parameters():
-                q.requires_grad_(True)
+            set_requires_grad(disc, True)
         return {k_: v.item() for k_, v in terms.items()}
 
     # ------------------------------------------------------------------ inference

@@ -27,6 +27,7 @@ import torch
 from torch import autograd
 from torch.nn import functional as F
 
+from ..gan_losses import hinge_d_loss, hinge_g_loss
 from ..losses import dice_loss, one_hot
 from ..nets.stylegan import (
     ImageDiscriminator,
@@ -35,7 +36,7 @@ from ..nets.stylegan import (
     WPlusEncoder,
 )
 from ..windows import blend_windows
-from .base import Method, MethodParams, register_method
+from .base import Method, MethodParams, register_method, set_requires_grad
 
 __all__ = [
     "SemanticGAN",
@@ -63,30 +64,22 @@ def g_nonsaturating_loss(fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake.float()).mean()
 
 
-def _as_list(x) -> list[torch.Tensor]:
-    return list(x) if isinstance(x, list | tuple) else [x]
-
-
 def d_hinge_loss(real, fake) -> torch.Tensor:
-    """Hinge discriminator loss averaged over scales, as the authors train ``D_m``.
+    """Hinge discriminator loss averaged over scales, halved as the authors train ``D_m``.
 
-    ``0.5 * (mean_s mean relu(1 - D_s(real)) + mean_s mean relu(1 + D_s(fake)))``.
+    ``0.5 * (mean_s mean relu(1 - D_s(real)) + mean_s mean relu(1 + D_s(fake)))``: half of
+    :func:`semiseg.gan_losses.hinge_d_loss`.
 
     Parameters
     ----------
     real, fake : Tensor or list of Tensor
         Patch logits, one tensor per discriminator scale.
     """
-    real, fake = _as_list(real), _as_list(fake)
-    lr = sum(F.relu(1 - r.float()).mean() for r in real) / len(real)
-    lf = sum(F.relu(1 + f.float()).mean() for f in fake) / len(fake)
-    return 0.5 * (lr + lf)
+    return 0.5 * hinge_d_loss(real, fake)
 
 
-def g_hinge_loss(fake) -> torch.Tensor:
-    """Hinge generator loss ``-mean_s mean D_s(fake)``."""
-    fake = _as_list(fake)
-    return -sum(f.float().mean() for f in fake) / len(fake)
+#: Hinge generator loss ``-mean_s mean D_s(fake)`` (:func:`semiseg.gan_losses.hinge_g_loss`).
+g_hinge_loss = hinge_g_loss
 
 
 def r1_penalty(score: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -308,11 +301,6 @@ class SemanticGAN(Method):
             return p.ssim_weight * (1 - ssim(x, target)) + p.mse_weight * mse
         return p.mse_weight * mse
 
-    @staticmethod
-    def _requires_grad(net, flag: bool) -> None:
-        for q in net.parameters():
-            q.requires_grad_(flag)
-
     # ------------------------------------------------------------------ loss groups
     def discriminator_loss_terms(self, real_img, lab_img, lab_mask, *, r1: bool = False):
         """Losses of ``D_r`` (logistic) and ``D_m`` (hinge), plus R1 terms when ``r1``."""
@@ -382,9 +370,9 @@ class SemanticGAN(Method):
         out: dict[str, float] = {}
 
         # 1) discriminators (R1 lazily every r1_every steps, scaled by r1_every)
-        self._requires_grad(gen, False)
-        self._requires_grad(d_img, True)
-        self._requires_grad(d_seg, True)
+        set_requires_grad(gen, False)
+        set_requires_grad(d_img, True)
+        set_requires_grad(d_seg, True)
         do_r1 = p.r1 > 0 and self.step % p.r1_every == 0
         t = self.discriminator_loss_terms(real, lab_img, lab_mask, r1=do_r1)
         loss_img, loss_seg = t["d_img"], t["d_seg"]
@@ -399,9 +387,9 @@ class SemanticGAN(Method):
         out["r1_img"], out["r1_seg"] = self._last_r1
 
         # 2) generator (image branch from D_r only; label branch from D_m)
-        self._requires_grad(gen, True)
-        self._requires_grad(d_img, False)
-        self._requires_grad(d_seg, False)
+        set_requires_grad(gen, True)
+        set_requires_grad(d_img, False)
+        set_requires_grad(d_seg, False)
         t = self.generator_loss_terms(real.shape[0])
         self.optimise(t["g_img"] + p.seg_adv_weight * t["g_seg"], self.opts["gen"])
         with torch.no_grad():
@@ -410,13 +398,13 @@ class SemanticGAN(Method):
 
         # 3) encoder against the current (frozen) generator
         if self.step >= p.encoder_start:
-            self._requires_grad(gen, False)
+            set_requires_grad(gen, False)
             t = self.encoder_loss_terms(unl, lab_img, lab_mask)
             loss = t["recon"] + p.ce_weight * t["ce"] + p.dice_weight * t["dice"]
             self.optimise(loss, self.opts["enc"])
             out.update({f"e_{k}": v.item() for k, v in t.items()})
         for net in (gen, d_img, d_seg):
-            self._requires_grad(net, True)
+            set_requires_grad(net, True)
         return out
 
     # ------------------------------------------------------------------ inference

@@ -9,10 +9,11 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..errors import InputError
+from ..gan_losses import hinge_d_loss, hinge_g_loss
 from ..losses import dice_loss
-from ..nets.discriminators import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
+from ..nets.discriminators import MultiScaleDiscriminator
 from ..nets.translation import TranslationNet
-from .base import Method, MethodParams, register_method
+from .base import Method, MethodParams, register_method, set_requires_grad
 
 
 @dataclasses.dataclass
@@ -178,8 +179,7 @@ class Translation(Method):
             o = self.forward_all(x_a, x_p, has_mask)
 
         # Discriminator step on detached translations: A: real x_A vs x_PA, P: real x_P vs x_AP.
-        for d in (d_a, d_p):
-            d.requires_grad_(True)
+        set_requires_grad((d_a, d_p), True)
         with self.autocast(), parametrize.cached():
             loss_d = hinge_d_loss(d_a(x_a), d_a(o["x_PA"].detach())) + hinge_d_loss(
                 d_p(x_p), d_p(o["x_AP"].detach())
@@ -187,8 +187,7 @@ class Translation(Method):
         self.optimise(loss_d, self.opts["disc"])
 
         # Generator step.
-        for d in (d_a, d_p):
-            d.requires_grad_(False)
+        set_requires_grad((d_a, d_p), False)
         with self.autocast(), parametrize.cached():
             adv = hinge_g_loss(d_a(o["x_PA"])) + hinge_g_loss(d_p(o["x_AP"]))
         l1 = F.l1_loss
@@ -206,8 +205,7 @@ class Translation(Method):
             seg = torch.zeros((), device=x_p.device)
         loss_g = w["adv"] * adv + w["rec"] * rec + w["lat"] * lat + w["cyc"] * cyc + w["seg"] * seg
         self.optimise(loss_g, self.opts["gen"])
-        for d in (d_a, d_p):
-            d.requires_grad_(True)
+        set_requires_grad((d_a, d_p), True)
         return {
             "seg": seg.item(), "rec": rec.item(), "lat": lat.item(), "cyc": cyc.item(),
             "adv_g": adv.item(), "adv_d": loss_d.item(),

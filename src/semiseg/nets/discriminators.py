@@ -1,4 +1,5 @@
-"""Multi-scale patch discriminators, hinge adversarial losses and a spectral-norm helper.
+"""Multi-scale patch discriminators and a spectral-norm helper (their hinge losses live in
+:mod:`semiseg.gan_losses`).
 
 References
 ----------
@@ -21,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
+
+from ..gan_losses import hinge_d_loss, hinge_g_loss
 
 __all__ = [
     "MultiScaleDiscriminator",
@@ -136,23 +139,3 @@ class MultiScaleDiscriminator(nn.Module):
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
             out.append(net(x))
         return out
-
-
-def hinge_d_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Discriminator hinge loss, averaged over scales (Eq. 11 of [1]).
-
-    ``mean_s( E[max(0, 1 - D_s(x))] + E[max(0, 1 + D_s(G(z)))] )``
-    (``-min(0, D - 1) = max(0, 1 - D)``).
-
-    Parameters
-    ----------
-    real, fake : sequence of Tensor
-        Score maps of each scale for real and generated images.
-    """
-    terms = [F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean() for r, f in zip(real, fake)]
-    return torch.stack(terms).mean()
-
-
-def hinge_g_loss(fake: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Generator hinge loss ``-mean_s E[D_s(G(z))]``, averaged over scales."""
-    return -torch.stack([f.float().mean() for f in fake]).mean()
