@@ -10,6 +10,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Generator
 
 import numpy as np
@@ -202,18 +203,78 @@ def iter_train(
     image, labels, pools = _prepare_inputs(image, labels, tags, config.axis)
     dev = resolve_device(device)
     seed_everything(config.seed)
-    if model is None:
-        try:
-            normaliser = Normaliser.fit(image)
-        except InputError:
-            raise
-        except Exception as exc:  # corrupt chunks of lazy (zarr) images
-            raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
-        method_cls = get_method(method)
-        num_classes = max(2, pools.num_classes)
-        net = method_cls(image.shape[0], num_classes, params=params, device=dev, amp=amp)
-        model = Model(net, normaliser, config.axis)
-    else:
+    model = _start_model(image, pools, config, model=model, method=method, params=params, device=dev, amp=amp)
+    method_obj = model.method
+    _reset_learning_rates(method_obj)
+    # Predict as trained: in windows of the training crop (see Model.tile_size).
+    model.tile_size = int(config.crop)
+    if config.compile:
+        _compile_nets(method_obj, config.compile)
+    multi = distributed.is_active()
+    if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
+        distributed.broadcast_parameters(method_obj)
+        torch.manual_seed(distributed.rank_seed(config.seed))
+    sampler = SliceSampler(
+        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
+        cache_bytes=int(config.cache_mb * 2**20),
+    )
+    rng = np.random.default_rng(distributed.rank_seed(config.seed))
+    needs = method_obj.batch_needs(config.batch_size)
+    budget = _Budget(config, multi)
+    start = time.perf_counter()
+    smoothed: dict[str, float] = {}
+    last_preview = -math.inf
+    good_state = state_to_cpu(method_obj.state_dict(), copy=True)
+    step = 0
+    yield Progress(0, config.steps, {}, 0.0)
+    try:
+        with method_obj.synchronised(distributed.all_reduce_gradients if multi else None):
+            while step < config.steps and not budget.spent() and not (should_stop is not None and should_stop()):
+                arrays = _sample(sampler, rng, needs)
+                if config.anneal:
+                    _scale_learning_rates(method_obj, lr_factor(budget.done(step), config.anneal))
+                losses, needs = _guarded_step(
+                    method_obj, arrays, good_state, step=step, needs=needs, config=config, device=dev, multi=multi
+                )
+                if losses is None:  # out of memory: the batch was halved, try again
+                    continue
+                step += 1
+                method_obj.step += 1
+                for k, v in losses.items():
+                    smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
+                if multi:
+                    distributed.broadcast_buffers(method_obj)
+                if step % 50 == 0:
+                    good_state = state_to_cpu(method_obj.state_dict(), copy=True)
+                now = time.perf_counter()
+                preview = idx = None
+                if preview_index is not None and now - last_preview >= config.preview_every:
+                    idx = preview_index()
+                    if idx is not None:
+                        preview = preview_slice(model, sampler.slice_image(int(idx)))
+                        last_preview = time.perf_counter()
+                if preview is not None or step % config.report_every == 0 or step == config.steps:
+                    yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
+    finally:
+        _reset_learning_rates(method_obj)
+        good_state = None
+        if dev.type == "cuda":  # hand cached activations back to the driver
+            torch.cuda.empty_cache()
+        seconds = time.perf_counter() - start
+        model.history.append(_history_record(model, pools, config, dev, steps=step, seconds=seconds, losses=smoothed))
+    return model
+
+
+def _start_model(image, pools, config: TrainConfig, *, model, method, params, device, amp) -> Model:
+    """A new model fitted to ``image`` (its normaliser, a fresh ``method``), or ``model``
+    checked against the inputs when training continues.
+
+    Raises
+    ------
+    InputError
+        On an unreadable image, or a model that does not fit the image, labels or axis.
+    """
+    if model is not None:
         if model.in_channels != image.shape[0]:
             raise InputError(
                 f"model expects {model.in_channels} channel(s), the image has {image.shape[0]}"
@@ -224,120 +285,121 @@ def iter_train(
             )
         if model.axis != config.axis:
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
-    method_obj = model.method
-    _reset_learning_rates(method_obj)
-    # Predict as trained: in windows of the training crop (see Model.tile_size).
-    model.tile_size = int(config.crop)
-    if config.compile:
-        _compile_nets(method_obj, config.compile)
-    multi = distributed.is_active()
-    if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
-        distributed.broadcast_parameters(method_obj)
-        method_obj._grad_sync = distributed.all_reduce_gradients
-        torch.manual_seed(distributed.rank_seed(config.seed))
-    sampler = SliceSampler(
-        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
-        cache_bytes=int(config.cache_mb * 2**20),
-    )
-    rng = np.random.default_rng(distributed.rank_seed(config.seed))
-    needs = method_obj.batch_needs(config.batch_size)
-    start = time.perf_counter()
-    clock = time.perf_counter if config.clock == "wall" else time.process_time
-    clock_start = clock()
-    deadline = clock_start + 60 * config.minutes if config.minutes else math.inf
-    smoothed: dict[str, float] = {}
-    last_preview = -math.inf
-    good_state = state_to_cpu(method_obj.state_dict(), copy=True)
-    step = 0
-    yield Progress(0, config.steps, {}, 0.0)
+        return model
     try:
-        while step < config.steps and not (
-            distributed.any_true(clock() >= deadline) if multi and deadline < math.inf else clock() >= deadline
-        ) and not (should_stop is not None and should_stop()):
-            try:
-                arrays = sampler.sample(rng, needs)
-            except InputError:
-                raise
-            except Exception as exc:  # corrupt chunks of lazy (zarr) images show up here
-                raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
-            batch = {k: method_obj.to_tensor(v) for k, v in arrays.items()}
-            if config.anneal:
-                done = step / config.steps
-                if config.minutes:
-                    done = max(done, (clock() - clock_start) / (60 * config.minutes))
-                if multi:  # one schedule for every rank
-                    done = distributed.max_value(done)
-                _scale_learning_rates(method_obj, lr_factor(done, config.anneal))
-            try:
-                losses = method_obj.training_step(batch)
-            except Exception as exc:
-                # Any fault in a step (a bug, out of memory, a driver error) leaves the model
-                # with its last good weights and surfaces as one TrainingError.
-                method_obj.load_state_dict(good_state)
-                if isinstance(exc, InputError):
-                    raise  # the method found the inputs unusable (e.g. no healthy slices)
-                if not is_out_of_memory(exc):
-                    raise TrainingError(
-                        f"training step {step + 1} failed: {type(exc).__name__}: {first_line(exc)}"
-                    ) from exc
-                del batch
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                if multi:  # ranks must take the same steps: no per-rank batch halving
-                    raise TrainingError(
-                        f"out of memory on rank {distributed.rank()}; use a smaller --batch-size"
-                    ) from None
-                if needs and max(needs.values()) > 1:
-                    needs = {k: max(1, v // 2) for k, v in needs.items()}
-                    import warnings
+        normaliser = Normaliser.fit(image)
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt chunks of lazy (zarr) images
+        raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
+    method_cls = get_method(method)
+    num_classes = max(2, pools.num_classes)
+    net = method_cls(image.shape[0], num_classes, params=params, device=device, amp=amp)
+    return Model(net, normaliser, config.axis)
 
-                    warnings.warn(f"out of memory: batch halved to {needs}", stacklevel=1)
-                    continue
-                raise TrainingError(
-                    f"out of memory even with batch size 1 (crop {config.crop}); "
-                    "use a smaller --crop or smaller features"
-                ) from None
-            if not all(math.isfinite(v) for v in losses.values()):
-                method_obj.load_state_dict(good_state)
-                bad = ", ".join(k for k, v in losses.items() if not math.isfinite(v))
-                raise TrainingError(f"training diverged at step {step + 1} (non-finite loss: {bad})")
-            step += 1
-            method_obj.step += 1
-            for k, v in losses.items():
-                smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
-            if multi:
-                distributed.broadcast_buffers(method_obj)
-            if step % 50 == 0:
-                good_state = state_to_cpu(method_obj.state_dict(), copy=True)
-            now = time.perf_counter()
-            preview = idx = None
-            if preview_index is not None and now - last_preview >= config.preview_every:
-                idx = preview_index()
-                if idx is not None:
-                    preview = preview_slice(model, sampler.slice_image(int(idx)))
-                    last_preview = time.perf_counter()
-            if preview is not None or step % config.report_every == 0 or step == config.steps:
-                yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
-    finally:
-        method_obj._grad_sync = None
-        _reset_learning_rates(method_obj)
-        good_state = None
-        if dev.type == "cuda":  # hand cached activations back to the driver
+
+class _Budget:
+    """The run's time budget: ``config.minutes`` on its clock, agreed by every rank."""
+
+    def __init__(self, config: TrainConfig, multi: bool):
+        self.config, self.multi = config, multi
+        self.clock = time.perf_counter if config.clock == "wall" else time.process_time
+        self.start = self.clock()
+        self.deadline = self.start + 60 * config.minutes if config.minutes else math.inf
+
+    def spent(self) -> bool:
+        """Whether time is up (on any rank: all ranks stop at the same step)."""
+        if self.multi and self.deadline < math.inf:
+            return distributed.any_true(self.clock() >= self.deadline)
+        return self.clock() >= self.deadline
+
+    def done(self, step: int) -> float:
+        """Share of the run that is over after ``step`` steps: of the steps or of the minutes,
+        whichever is further (one value for every rank)."""
+        done = step / self.config.steps
+        if self.config.minutes:
+            done = max(done, (self.clock() - self.start) / (60 * self.config.minutes))
+        if self.multi:  # one schedule for every rank
+            done = distributed.max_value(done)
+        return done
+
+
+def _sample(sampler: SliceSampler, rng: np.random.Generator, needs: dict[str, int]) -> dict:
+    """One batch of crops (numpy); faults reading the image are the user's input."""
+    try:
+        return sampler.sample(rng, needs)
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt chunks of lazy (zarr) images show up here
+        raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _guarded_step(
+    method, arrays: dict, good_state, *, step: int, needs: dict[str, int], config: TrainConfig, device, multi: bool
+):
+    """One optimisation step on ``arrays`` that never leaves the model broken.
+
+    Returns ``(losses, needs)``; ``losses`` is None when the step ran out of memory and the
+    batch was halved (``needs``) to try again.
+
+    Raises
+    ------
+    InputError
+        When the method finds the inputs unusable (e.g. no healthy slices).
+    TrainingError
+        On any other fault, out of memory at batch size 1 (or on several ranks) and a
+        non-finite loss; the model then holds ``good_state``.
+    """
+    batch = {k: method.to_tensor(v) for k, v in arrays.items()}
+    try:
+        losses = method.training_step(batch)
+    except Exception as exc:
+        # Any fault in a step (a bug, out of memory, a driver error) leaves the model
+        # with its last good weights and surfaces as one TrainingError.
+        method.load_state_dict(good_state)
+        if isinstance(exc, InputError):
+            raise  # the method found the inputs unusable (e.g. no healthy slices)
+        if not is_out_of_memory(exc):
+            raise TrainingError(
+                f"training step {step + 1} failed: {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
+        del batch
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-        model.history.append(
-            {
-                "method": method_obj.name,
-                "steps": step,
-                "seconds": round(time.perf_counter() - start, 2),
-                "losses": {k: round(v, 5) for k, v in smoothed.items()},
-                "annotated_slices": [int(i) for i in pools.annotated],
-                "tagged_healthy": len(pools.healthy),
-                "tagged_diseased": len(pools.diseased),
-                "config": dataclasses.asdict(config),
-                "device": str(dev),
-            }
-        )
-    return model
+        if multi:  # ranks must take the same steps: no per-rank batch halving
+            raise TrainingError(
+                f"out of memory on rank {distributed.rank()}; use a smaller --batch-size"
+            ) from None
+        if needs and max(needs.values()) > 1:
+            needs = {k: max(1, v // 2) for k, v in needs.items()}
+            warnings.warn(f"out of memory: batch halved to {needs}", stacklevel=1)
+            return None, needs
+        raise TrainingError(
+            f"out of memory even with batch size 1 (crop {config.crop}); "
+            "use a smaller --crop or smaller features"
+        ) from None
+    if not all(math.isfinite(v) for v in losses.values()):
+        method.load_state_dict(good_state)
+        bad = ", ".join(k for k, v in losses.items() if not math.isfinite(v))
+        raise TrainingError(f"training diverged at step {step + 1} (non-finite loss: {bad})")
+    return losses, needs
+
+
+def _history_record(
+    model: Model, pools, config: TrainConfig, device, *, steps: int, seconds: float, losses: dict
+) -> dict:
+    """What :attr:`Model.history` keeps of one training run."""
+    return {
+        "method": model.method.name,
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "losses": {k: round(v, 5) for k, v in losses.items()},
+        "annotated_slices": [int(i) for i in pools.annotated],
+        "tagged_healthy": len(pools.healthy),
+        "tagged_diseased": len(pools.diseased),
+        "config": dataclasses.asdict(config),
+        "device": str(device),
+    }
 
 
 def _compile_nets(method, backend: bool | str) -> None:
