@@ -143,8 +143,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_inputs(image, labels, tags, axis, channel_axis=None):
-    image = as_channels(image, channel_axis=channel_axis)
+def _prepare_inputs(image, labels, tags, axis):
+    image = as_channels(image)
     labels = validate_labels(labels, tuple(image.shape[1:]))
     pools = make_pools(labels, tags, axis=axis)
     return image, labels, pools

@@ -313,13 +313,6 @@ class TranslationNet(nn.Module):
             "probabilities": torch.softmax(logits.float(), dim=1),
         }
 
-    def add_tumours(self, x: torch.Tensor, u: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Absence -> presence translation ``x_AP = g_com(c_A) + g_res(c_A, u)``, ``u ~ N(0, I)``."""
-        c, u_enc, skips = self.encode(x)
-        if u is None:
-            u = self.sample_unique(u_enc, generator)
-        return self.decode_common(c, skips) + self.decode_residual(c, u, skips)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation logits of ``x``."""
         c, u, skips = self.encode(x)
