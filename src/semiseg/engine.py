@@ -216,10 +216,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_inputs(image, labels, tags, axis, channel_axis=None):
+def _prepare_inputs(image, labels, tags, axis, channel_axis=None, *, planes=None):
     image = as_channels(image, channel_axis=channel_axis)
     labels = validate_labels(labels, tuple(image.shape[1:]))
-    pools = make_pools(labels, tags, axis=axis)
+    pools = make_pools(labels, tags, axis=axis, planes=planes)
     return image, labels, pools
 
 
@@ -236,6 +236,7 @@ def iter_train(
     preview_index: Callable[[], int | None] | None = None,
     amp: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    planes=None,
 ) -> Generator[Progress, None, Model]:
     """Train a model, yielding :class:`Progress`; the generator returns the :class:`Model`.
 
@@ -263,6 +264,12 @@ def iter_train(
     should_stop : callable, optional
         Checked before every step; when it returns True training ends there and the generator
         returns the model trained so far (a GUI's Stop button). Single-process only.
+    planes : sequence of (axis, index) pairs, optional
+        Fully annotated slices in any plane (:mod:`semiseg.planes`); see
+        :func:`semiseg.data.make_pools`. Slices along the training axis that are not listed
+        are unlabelled even when labels painted in another plane cross them. The 2D methods
+        train on the listed slices of the training axis; the others are kept in the pools
+        (``SlicePools.planes``) and the history (``"planes"``). None: the slices holding labels.
 
     Raises
     ------
@@ -273,7 +280,7 @@ def iter_train(
         weights from before that step.
     """
     config = config or TrainConfig()
-    image, labels, pools = _prepare_inputs(image, labels, tags, config.axis)
+    image, labels, pools = _prepare_inputs(image, labels, tags, config.axis, planes=planes)
     dev = resolve_device(device)
     seed_everything(config.seed)
     if model is None:
@@ -407,6 +414,7 @@ def iter_train(
                 "seconds": round(time.perf_counter() - start, 2),
                 "losses": {k: round(v, 5) for k, v in smoothed.items()},
                 "annotated_slices": [int(i) for i in pools.annotated],
+                **({} if pools.planes is None else {"planes": [[a, i] for a, i in pools.planes]}),
                 "tagged_healthy": len(pools.healthy),
                 "tagged_diseased": len(pools.diseased),
                 "config": dataclasses.asdict(config),
