@@ -78,6 +78,13 @@ def test_erasing_a_whole_slice_removes_it_and_3d_view_records_nothing(painted_vi
     viewer.dims.ndisplay = 3
     labels.paint((4, 24, 30), 1)
     assert get_planes(labels) == before
+    # Undo emits no paint event: the slice it empties stays listed, and training leaves it out.
+    labels.undo()
+    viewer.dims.ndisplay = 2
+    labels.paint((4, 24, 30), 1)
+    assert planes_for_training(labels) is not None
+    labels.undo()
+    assert [2, 30] in get_planes(labels) and planes_for_training(labels) is None
 
 
 def test_accepting_a_whole_axial_slice_records_it_from_any_view(painted_viewer):

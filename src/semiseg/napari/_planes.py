@@ -205,8 +205,13 @@ class PlaneRecorder:
             layer.events.data.disconnect(self._on_data)
 
 
-def track_planes(viewer, layer) -> PlaneRecorder:
-    """Record the planes painted in ``layer`` from now on (idempotent: one recorder a layer)."""
+def track_planes(viewer, layer) -> PlaneRecorder | None:
+    """Record the planes painted in ``layer`` from now on (idempotent: one recorder a layer).
+
+    Returns None, recording nothing, for layers that are not single-scale ``(Z, Y, X)``.
+    """
+    if layer.ndim != 3 or getattr(layer, "multiscale", False):
+        return None
     rec = _RECORDERS.get(layer)
     if rec is None:
         rec = _RECORDERS[layer] = PlaneRecorder(viewer, layer)
