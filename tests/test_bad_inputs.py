@@ -89,6 +89,17 @@ def _bad_files(d: Path, s) -> dict[str, Path]:
     chunks = sorted(p for p in (b / "brokenchunk.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunks[0].write_bytes(b"\x00garbage")
     np.save(b / "lab_2class.npy", lab)
+    # Planes CSVs (the volume is (6, 32, 32); slices along Z holding labels are annotated).
+    z = int(np.flatnonzero(lab.reshape(6, -1).any(1))[0])
+    for name, text in {
+        "planes_outside": f"axis,index\n0,{z}\n1,40\n",
+        "planes_axis": "axis,index\n3,0\n",
+        "planes_text": "hello, I am text\n",
+        "planes_badrow": "axis,index\n0,x\n",
+        "planes_sagittal_only": "axis,index\n2,5\n",
+    }.items():
+        (b / f"{name}.csv").write_text(text)
+    (b / "planes_binary.csv").write_bytes(b"\xff\xfe\x00\x89PNG" + os.urandom(64))
     m2 = semiseg.train(
         np.stack([img, img]), lab, params=API_PARAMS, config=semiseg.TrainConfig(**API_CONFIG), device="cpu"
     )
@@ -127,6 +138,15 @@ CLI_CASES = [
     ("missing-output-folder", "train {img} {lab} -o {d}/no/such/dir/m.pt", "does not exist"),
     ("bad-output-suffix", "predict {model} {img} -o {out}.png", "unsupported output type"),
     ("rollback-unknown-run", "rollback {model} 99999", "no runs stored"),
+    ("planes-outside-volume", "train {img} {lab} -o {out}.pt --planes {planes_outside}",
+     "plane axis,index 1,40 is outside the volume of shape (Z, Y, X) = (6, 32, 32)"),
+    ("planes-bad-axis", "train {img} {lab} -o {out}.pt --planes {planes_axis}", "axis must be 0, 1 or 2"),
+    ("planes-not-csv", "train {img} {lab} -o {out}.pt --planes {planes_text}", "not a planes file"),
+    ("planes-binary", "train {img} {lab} -o {out}.pt --planes {planes_binary}", "not a text file"),
+    ("planes-bad-row", "train {img} {lab} -o {out}.pt --planes {planes_badrow}", "bad row 0,x"),
+    ("planes-missing", "train {img} {lab} -o {out}.pt --planes {d}/nope.csv", "cannot read planes"),
+    ("planes-other-axis-only", "train {img} {lab} -o {out}.pt --planes {planes_sagittal_only}",
+     "no annotated slice along the training axis 0"),
 ]
 
 

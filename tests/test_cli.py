@@ -45,6 +45,34 @@ def test_sample(tmp_path, kind, capsys):
     assert "2 annotated" in capsys.readouterr().out
 
 
+def test_train_with_planes_records_them_and_runs_lists_them(sample_dir, tmp_path, capsys):
+    from semiseg.model import Model
+    from semiseg.planes import planes_from_labels, write_planes_csv
+
+    labels = read_volume(sample_dir / "labels.tif")
+    truth = read_volume(sample_dir / "truth.tif")
+    x = int(np.argmax((truth > 0).any(axis=1).sum(axis=0)))
+    painted = labels.copy()
+    painted[:, :, x] = truth[:, :, x]  # one sagittal slice painted in full
+    write_volume(tmp_path / "labels.tif", painted)
+    planes = (*planes_from_labels(labels, 0), (2, x))
+    write_planes_csv(tmp_path / "planes.csv", planes)
+    out = tmp_path / "m.pt"
+    argv = ["train", str(sample_dir / "image.tif"), str(tmp_path / "labels.tif"), "-o", str(out),
+            "--planes", str(tmp_path / "planes.csv"), *TINY]
+    assert main(argv) == 0
+    h = Model.load(out).history[-1]
+    assert h["planes"] == [list(p) for p in sorted(planes)]
+    axial = [i for a, i in sorted(planes) if a == 0]
+    assert h["annotated_slices"] == axial  # not every slice the sagittal one crosses
+    assert h["inputs"]["planes"] == str((tmp_path / "planes.csv").resolve())
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"{len(axial)} annotated slices" in line
+    assert f"planes: axial {', '.join(map(str, axial))}; sagittal {x}" in line
+
+
 def test_train_predict_evaluate(sample_dir, model_path, tmp_path, capsys):
     assert model_path.is_file()
     mask = tmp_path / "mask.zarr"

@@ -12,6 +12,7 @@ True
 
 __version__ = "0.1.0"
 
+from . import planes  # noqa: F401 - annotated (axis, index) planes: semiseg.planes.read_planes_csv, ...
 from .data import DISEASED, HEALTHY, UNKNOWN, Normaliser, make_pools, read_weak_csv
 from .engine import TrainConfig, iter_train, train
 from .errors import InputError, ModelFileError, PredictionError, TrainingError

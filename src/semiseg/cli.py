@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-from", metavar="MODEL", help="continue training this model")
     p.add_argument("--runs-dir", metavar="DIR", help="where to keep each run's model (default MODEL.runs)")
     p.add_argument("--no-runs", action="store_true", help="do not keep a snapshot of this run")
+    p.add_argument(
+        "--planes", metavar="PLANES.csv",
+        help="fully annotated slices in any plane: CSV with columns axis,index (axis 0, 1, 2 of "
+             "(Z, Y, X)); only the listed slices count as annotated, so a sagittal slice does not "
+             "mark the axial slices it crosses (default: the slices along --axis holding labels)",
+    )
     _add_train_options(p)
 
     p = sub.add_parser("predict", help="predict a mask with a trained model")
@@ -166,7 +172,7 @@ def _progress_bar(total: int, desc: str):
     return progress_bar(total, desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=quiet)
 
 
-def _train(image, labels, tags, args, model=None):
+def _train(image, labels, tags, args, model=None, planes=None):
     from .engine import TrainConfig, iter_train
     from .methods import get_method
     from .progress import run
@@ -182,6 +188,7 @@ def _train(image, labels, tags, args, model=None):
     gen = iter_train(
         image, labels, tags=tags, method=args.method, params=params or None, config=config,
         model=model, device=args.device, amp=not args.no_amp,
+        planes=planes,
     )
     # Run the first step (input validation) before opening a progress bar.
     first = next(gen)
@@ -209,6 +216,28 @@ def _load_tags(path, labels, axis):
     from .data import read_weak_csv
 
     return read_weak_csv(path, np.asarray(labels).shape[axis])
+
+
+def _load_planes(path, labels):
+    """Planes of ``--planes`` checked against the labels' shape (None without the option)."""
+    if path is None:
+        return None
+    from .planes import read_planes_csv, validate_planes
+
+    planes = read_planes_csv(path)
+    if np.ndim(labels) != 3:
+        return planes  # the labels' own error comes first (make_pools checks the planes later)
+    return validate_planes(planes, np.shape(labels), source=path)
+
+
+def _planes_note(run) -> str:
+    """``"  planes: axial 3, 5; sagittal 40"`` for a run that recorded its planes, else ``""``."""
+    last = run.history[-1] if run.history else {}
+    if last.get("planes") is None:
+        return ""
+    from .planes import describe_planes
+
+    return f"  planes: {describe_planes(last['planes'])}"
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -243,20 +272,22 @@ def cmd_train(args) -> int:
     image = _read(args.image, "image", lazy=True)
     labels = _read(args.labels, "labels")
     tags = _load_tags(args.weak, labels, args.axis)
+    planes = _load_planes(args.planes, labels)
     from . import distributed
 
     distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     rank = distributed.rank()
     try:
         model = Model.load(args.continue_from, device=_device(args.device)) if args.continue_from else None
-        model = _train(image, labels, tags, args, model=model)
+        model = _train(image, labels, tags, args, model=model, planes=planes)
     finally:
         if distributed.is_active():
             distributed.cleanup()
     if rank != 0:
         return 0  # rank 0 alone writes files and prints
     model.history[-1]["inputs"] = {
-        k: str(Path(v).resolve()) for k, v in (("image", args.image), ("labels", args.labels), ("weak", args.weak)) if v
+        k: str(Path(v).resolve()) for k, v in (("image", args.image), ("labels", args.labels), ("weak", args.weak),
+                                          ("planes", args.planes)) if v
     }
     model.save(out)
     kept = "" if args.no_runs else f"; run {save_run(model, out, runs_dir, copy_of=out).run_id} kept in {runs_dir}"
@@ -277,7 +308,7 @@ def cmd_runs(args) -> int:
     cur = current_run(args.model, folder)
     for r in runs:
         mark = "*" if cur is not None and r.run_id == cur.run_id else " "
-        print(f"{mark} {r.describe()}")
+        print(f"{mark} {r.describe()}{_planes_note(r)}")
     if cur is not None:
         print(f"* = the run {args.model} holds now")
     return 0

@@ -4,7 +4,8 @@ The image is ``(Z, Y, X)`` or ``(C, Z, Y, X)``; labels are ``(Z, Y, X)`` integer
 background and 1..K for classes. Training works on 2D slices taken along one spatial axis.
 
 A slice is *annotated* when it holds any nonzero label or is tagged healthy (a healthy slice is
-a free all-background annotation). The remaining slices form the *unlabelled* pool. Weak tags
+a free all-background annotation); when the annotated planes are recorded
+(:mod:`semiseg.planes`), the slices listed along the slicing axis are the annotated ones instead. The remaining slices form the *unlabelled* pool. Weak tags
 split slices into *healthy* (absence domain, A) and *diseased* (presence domain, P); a slice
 with a nonzero label counts as diseased unless tagged otherwise.
 """
@@ -207,6 +208,9 @@ class SlicePools:
     diseased: np.ndarray
     diseased_annotated: np.ndarray
     num_classes: int
+    #: The annotated planes given to :func:`make_pools` (``(axis, index)`` pairs of every
+    #: axis, see :mod:`semiseg.planes`), None when the annotated slices were read off the labels.
+    planes: tuple | None = None
 
     def summary(self) -> str:
         return (
@@ -215,7 +219,7 @@ class SlicePools:
         )
 
 
-def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
+def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0, planes=None) -> SlicePools:
     """Split slices into annotated / unlabelled / healthy / diseased pools.
 
     Parameters
@@ -225,6 +229,12 @@ def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
         Weak tags along ``axis``: unknown, healthy, diseased.
     axis : int
         Slicing axis.
+    planes : sequence of (axis, index) pairs, optional
+        The fully annotated slices in any plane (:mod:`semiseg.planes`). Given, the annotated
+        slices along ``axis`` are exactly those listed with that axis (an empty one is all
+        background), plus the healthy-tagged ones; labels painted in other planes do not make
+        the slices they cross annotated (those go to the unlabelled pool). None (default): a
+        slice along ``axis`` is annotated when it holds any nonzero label.
 
     Returns
     -------
@@ -233,7 +243,8 @@ def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
     Raises
     ------
     InputError
-        When no slice is annotated, or a healthy-tagged slice holds labels.
+        When no slice is annotated, a healthy-tagged slice holds labels, or a plane lies
+        outside the volume.
     """
     labels = np.asarray(labels)
     n = labels.shape[axis]
@@ -242,18 +253,33 @@ def make_pools(labels: np.ndarray, tags=None, *, axis: int = 0) -> SlicePools:
     conflict = np.flatnonzero(painted & (tags == HEALTHY))
     if conflict.size:
         raise InputError(f"slices {conflict.tolist()} are tagged healthy but hold labels")
-    annotated = painted | (tags == HEALTHY)
+    if planes is None:
+        listed = painted
+    else:
+        from .planes import indices_along, validate_planes
+
+        planes = validate_planes(planes, labels.shape)
+        listed = np.zeros(n, dtype=bool)
+        listed[indices_along(planes, axis)] = True
+    annotated = listed | (tags == HEALTHY)
     if not annotated.any():
+        if planes:
+            raise InputError(
+                f"no annotated slice along the training axis {axis}: the planes list slices of other "
+                f"axes only; list one along axis {axis} or tag one healthy"
+            )
         raise InputError("no annotated slice: paint labels on at least one slice or tag one healthy")
     diseased = (tags == DISEASED) | (painted & (tags == UNKNOWN))
+    with_mask = listed & painted
     return SlicePools(
         annotated=np.flatnonzero(annotated),
-        painted=np.flatnonzero(painted),
+        painted=np.flatnonzero(with_mask),
         unlabelled=np.flatnonzero(~annotated),
         healthy=np.flatnonzero(tags == HEALTHY),
         diseased=np.flatnonzero(diseased),
-        diseased_annotated=np.flatnonzero(diseased & painted),
+        diseased_annotated=np.flatnonzero(diseased & with_mask),
         num_classes=int(labels.max()) + 1,
+        planes=planes,
     )
 
 

@@ -143,10 +143,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_inputs(image, labels, tags, axis):
+def _prepare_inputs(image, labels, tags, axis, *, planes=None):
     image = as_channels(image)
     labels = validate_labels(labels, tuple(image.shape[1:]))
-    pools = make_pools(labels, tags, axis=axis)
+    pools = make_pools(labels, tags, axis=axis, planes=planes)
     return image, labels, pools
 
 
@@ -163,6 +163,7 @@ def iter_train(
     preview_index: Callable[[], int | None] | None = None,
     amp: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    planes=None,
 ) -> Generator[Progress, None, Model]:
     """Train a model, yielding :class:`Progress`; the generator returns the :class:`Model`.
 
@@ -190,6 +191,12 @@ def iter_train(
     should_stop : callable, optional
         Checked before every step; when it returns True training ends there and the generator
         returns the model trained so far (a GUI's Stop button). Single-process only.
+    planes : sequence of (axis, index) pairs, optional
+        Fully annotated slices in any plane (:mod:`semiseg.planes`); see
+        :func:`semiseg.data.make_pools`. Slices along the training axis that are not listed
+        are unlabelled even when labels painted in another plane cross them. The 2D methods
+        train on the listed slices of the training axis; the others are kept in the pools
+        (``SlicePools.planes``) and the history (``"planes"``). None: the slices holding labels.
 
     Raises
     ------
@@ -200,7 +207,7 @@ def iter_train(
         weights from before that step.
     """
     config = config or TrainConfig()
-    image, labels, pools = _prepare_inputs(image, labels, tags, config.axis)
+    image, labels, pools = _prepare_inputs(image, labels, tags, config.axis, planes=planes)
     dev = resolve_device(device)
     seed_everything(config.seed)
     model = _start_model(image, pools, config, model=model, method=method, params=params, device=dev, amp=amp)
@@ -395,6 +402,7 @@ def _history_record(
         "seconds": round(seconds, 2),
         "losses": {k: round(v, 5) for k, v in losses.items()},
         "annotated_slices": [int(i) for i in pools.annotated],
+        **({} if pools.planes is None else {"planes": [[a, i] for a, i in pools.planes]}),
         "tagged_healthy": len(pools.healthy),
         "tagged_diseased": len(pools.diseased),
         "config": dataclasses.asdict(config),

@@ -10,6 +10,9 @@ _reader, _writer, _sample
     npe2 reader, writers and sample data (pure functions, no Qt).
 _layers
     Layer helpers: weak tags stored in a labels layer's metadata, overlay layers, slice index.
+_planes
+    Records the plane (axis, index) of every painted slice in a labels layer's metadata
+    (no Qt).
 _jobs
     Training + whole-volume prediction jobs, run in a worker thread or a spawned process
     (no Qt; the widget wraps the generator with ``thread_worker``).

@@ -72,6 +72,9 @@ class TrainJob:
     labels : (Z, Y, X) int ndarray
         A snapshot of the user's labels (the layer itself is never handed over).
     tags : (Z,) int8 ndarray or None
+    planes : tuple of (axis, index) or None
+        Fully annotated slices in any plane (:mod:`semiseg.planes`); None reads the annotated
+        slices off the labels.
     method : str
     params : dict
         Method hyperparameters (strings are coerced by the method).
@@ -98,6 +101,7 @@ class TrainJob:
     image: Any
     labels: np.ndarray
     tags: np.ndarray | None = None
+    planes: tuple | None = None
     method: str = "supervised"
     params: dict = dataclasses.field(default_factory=dict)
     config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -241,6 +245,7 @@ def _train(job: TrainJob, control: JobControl, model: Model | None, config: Trai
         device=job.device,
         preview_index=control.preview_index,
         should_stop=lambda: control.stop_training.is_set() or control.cancel.is_set(),
+        planes=job.planes,
     )
     return (yield from gen)
 

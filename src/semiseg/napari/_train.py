@@ -49,6 +49,7 @@ from ._combo import narrow_combo
 from ._layers import current_slice, get_tags, is_overlay, upsert
 from ._lossplot import LossPlot
 from ._params import ParamsForm
+from ._planes import planes_for_training, track_planes
 
 #: Default backend; ``SEMISEG_NAPARI_BACKEND=thread`` trains in a thread of the viewer process.
 DEFAULT_BACKEND = os.environ.get("SEMISEG_NAPARI_BACKEND", "process")
@@ -348,6 +349,8 @@ class TrainWidget(QWidget):
             on = name in checked or (not checked and name == names[0])
             item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
             self.image_list.addItem(item)
+        for layer in self._labels_layers():
+            track_planes(self.viewer, layer)  # record the plane of every painted slice
         for combo, layers in (
             (self.labels_combo, self._labels_layers()),
             (self.export_combo, self._labels_layers(overlays=True)),
@@ -452,9 +455,10 @@ class TrainWidget(QWidget):
         if labels_layer is not None:
             labels = np.array(labels_layer.data, copy=True)  # snapshot: the layer is never handed over
             tags = get_tags(labels_layer)
+            planes = planes_for_training(labels_layer)
         else:
             labels = np.zeros(image.shape[1:], np.uint8)
-            tags = None
+            tags = planes = None
         lazy = not _is_numpy(image) or image.nbytes > LAZY_BYTES
         minutes = self.minutes_spin.value() or None
         config = TrainConfig(
@@ -470,6 +474,7 @@ class TrainWidget(QWidget):
             image=image,
             labels=labels,
             tags=tags,
+            planes=planes,
             method=self.method_combo.currentText(),
             params=self.params.values(),
             config=config,
