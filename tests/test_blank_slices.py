@@ -92,3 +92,13 @@ def test_constant_inputs_need_every_channel_constant():
     t[1, 1, 0, 0] = 1.0  # one channel has content
     t[2] += 0.5
     assert constant_inputs(t).tolist() == [True, False, True]
+
+
+def test_a_broken_network_is_still_reported_on_blank_slices():
+    import semiseg
+
+    method = _eager_method()
+    method.predict = lambda x: {"probabilities": torch.full((x.shape[0], 2, *x.shape[2:]), float("nan"))}
+    model = Model(method, Normaliser((0.0,), (1.0,)), 0)
+    with pytest.raises(semiseg.PredictionError, match="non-finite"):
+        predict_volume(model, np.zeros((2, 16, 16), np.float32))

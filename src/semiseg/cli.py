@@ -364,7 +364,7 @@ def _predict_chunked(model, image, args, extra, outputs) -> int:
     with _progress_bar(n, "predict") as bar:
 
         def update(done, total):
-            bar.n = min(n, done * args.batch_size)
+            bar.n = round(n * done / total)  # slabs may hold fewer slices than the batch
             bar.refresh()
 
         written = predict_to_zarr(

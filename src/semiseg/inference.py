@@ -213,7 +213,8 @@ def no_information(
     network's answer on it is an artefact (instance normalisation maps it to zeros and the
     convolutions' zero padding draws a frame along its border). Its probabilities become
     certain background (1 for class 0), its ``difference`` outputs (residuals) 0 and its image
-    outputs (healthy translations) the input itself.
+    outputs (healthy translations) the input itself. Non-finite answers are left as they are,
+    so that a broken network is reported on blank inputs too.
 
     Parameters
     ----------
@@ -232,6 +233,8 @@ def no_information(
     blank = constant_inputs(t)
     if not bool(blank.any()):
         return res
+    if not all(bool(torch.isfinite(v[blank]).all()) for v in res.values()):
+        return res  # a broken network (NaN, Inf) is still reported, blank inputs or not
     out = dict(res)
     for name, value in res.items():
         value = value.clone()
