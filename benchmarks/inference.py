@@ -17,6 +17,12 @@ Phases (each runs in its own process so its peak RSS is its own; ``all`` runs th
 ``monai``
     The same network through MONAI's ``sliding_window_inference`` (256 x 256 windows, overlap
     0.25) on in-memory slices (a subset, extrapolated per voxel; reading is not timed).
+``memory``
+    Peak RSS of ``semiseg predict MODEL VOLUME.zarr -o MASK.zarr [--prob PROB.zarr]``, each in a
+    fresh process, on zarr stacks of ``--memory-slices`` (default 8 and 32) slices of
+    ``--memory-side`` (2048) squared uint16, with a saved model (``--features``) predicting in
+    ``--tile`` windows as a model from ``semiseg train --crop TILE`` does. Memory must not grow
+    with the number of slices (issue #16).
 
 Every phase prints one JSON line with voxels/s, seconds, peak RSS (``ru_maxrss``) and the load
 average. Run on a shared machine: one phase at a time, ``torch.set_num_threads(--threads)``.
@@ -175,7 +181,58 @@ def monai(args):
             batch_size=args.batch_size, sw_batch_size=args.sw_batch)
 
 
-PHASES = {"generate": generate, "ours": ours, "pipeline": lambda a: ours(a, True), "floor": floor, "monai": monai}
+_CLI = """
+import json, resource, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from semiseg.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[2:])
+print(json.dumps({"rc": rc, "seconds": round(time.perf_counter() - t, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def memory(args):
+    import zarr
+
+    root = Path(args.dir)
+    side = args.memory_side
+    model_path = root / "memory-model.pt"
+    model = _model(args.features)
+    model.method.tile_size = args.tile or None
+    model.save(model_path)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side]
+    base = (1000 + 800 * np.sin(yy / 37.0) * np.cos(xx / 53.0)).astype(np.float32)
+    for n in args.memory_slices:
+        vol = root / f"memory-{n}.zarr"
+        arr = zarr.create_array(str(vol), shape=(n, side, side), chunks=(1, side, side), dtype="uint16",
+                                overwrite=True)
+        for i in range(n):
+            arr[i] = (base + rng.integers(0, 400, size=(side, side))).astype(np.uint16)
+        for prob in (False, True):
+            argv = ["predict", str(model_path), str(vol), "-o", str(root / "memory-mask.zarr"),
+                    "--batch-size", str(args.batch_size)]
+            if prob:
+                argv += ["--prob", str(root / "memory-prob.zarr")]
+            done = subprocess.run([sys.executable, "-c", _CLI, str(args.threads), *argv],
+                                  check=True, capture_output=True, text=True)
+            rec = json.loads(done.stdout.strip().splitlines()[-1])
+            out = {
+                "phase": "memory", "slices": n, "side": side, "outputs": "mask+prob" if prob else "mask",
+                "features": list(args.features), "tile": args.tile, "batch_size": args.batch_size,
+                "seconds": rec["seconds"], "voxels_per_s": round(n * side * side / rec["seconds"]),
+                "peak_rss_mb": rec["peak_rss_mb"], "loadavg": [round(x, 2) for x in os.getloadavg()],
+                "command": "semiseg " + " ".join(argv),
+            }
+            print(json.dumps(out), flush=True)
+            for name in ("memory-mask.zarr", "memory-prob.zarr"):
+                shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(vol, ignore_errors=True)
+
+
+PHASES = {"memory": memory, "generate": generate, "ours": ours, "pipeline": lambda a: ours(a, True), "floor": floor, "monai": monai}
 
 
 def main(argv=None):
@@ -190,6 +247,9 @@ def main(argv=None):
     p.add_argument("--sw-batch", type=int, default=16, help="MONAI windows per forward")
     p.add_argument("--workers", type=int, default=1, help="dask threads for 'ours'")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--memory-slices", type=int, nargs="+", default=(8, 32), help="volumes for 'memory'")
+    p.add_argument("--memory-side", type=int, default=2048, help="slice side for 'memory'")
+    p.add_argument("--tile", type=int, default=256, help="prediction window of 'memory' (0: whole slices)")
     p.add_argument("--delete", action="store_true", help="remove the volume at the end of 'all'")
     args = p.parse_args(argv)
     import torch

@@ -369,15 +369,15 @@ def cmd_predict(args) -> int:
 
 
 def _chunked(args, image, outputs) -> bool:
-    """Whether to predict slab by slab into zarr (lazy input or a scheduler, zarr outputs)."""
+    """Whether to predict slab by slab into zarr: whenever every output is a zarr path (from any
+    input, lazy or in memory), so that no output is ever held whole in memory."""
     from .io import _suffix
-    from .lazy import is_lazy
 
     paths = [args.output, args.prob, *(getattr(args, k) for k in outputs)]
     all_zarr = all(_suffix(Path(p)) == ".zarr" for p in paths if p)
     if args.scheduler and not all_zarr:
         raise CLIError("--scheduler writes zarr: give .zarr paths for the mask and every output")
-    return all_zarr and (bool(args.scheduler) or is_lazy(image))
+    return all_zarr
 
 
 def _predict_chunked(model, image, args, extra, outputs) -> int:
@@ -389,7 +389,8 @@ def _predict_chunked(model, image, args, extra, outputs) -> int:
     with _progress_bar(n, "predict") as update:
         written = predict_to_zarr(
             model, image, paths, batch_size=args.batch_size, scheduler=args.scheduler,
-            device=args.device, progress=lambda done, total: update(Progress(min(n, done * args.batch_size), n, {}, 0.0)),
+            device=args.device, # slabs may hold fewer slices than the batch: report the share of slabs done
+            progress=lambda done, total: update(Progress(round(n * done / total), n, {}, 0.0)),
         )
     names = [str(p) for p in written.values()]
     if args.tumours:

@@ -342,7 +342,9 @@ class Normaliser:
             raise InputError("image contains NaN or Inf values")
         return out
 
-    def inverse(self, y: np.ndarray, *, channel_axis: int = 0, difference: bool = False) -> np.ndarray:
+    def inverse(
+        self, y: np.ndarray, *, channel_axis: int = 0, difference: bool = False, in_place: bool = False
+    ) -> np.ndarray:
         """Map normalised values back to image intensities (the inverse of calling it).
 
         Parameters
@@ -351,6 +353,9 @@ class Normaliser:
             Normalised values, channels on ``channel_axis``.
         difference : bool
             ``y`` is a difference of normalised values (e.g. a residual): scaled, not shifted.
+        in_place : bool
+            Overwrite ``y`` (a float32 ndarray) instead of allocating a result: streamed
+            prediction keeps one buffer per output.
 
         Returns
         -------
@@ -361,6 +366,14 @@ class Normaliser:
         shape[channel_axis] = len(self.low)
         lo = np.asarray(self.low, np.float32).reshape(shape)
         hi = np.asarray(self.high, np.float32).reshape(shape)
+        if in_place:  # the same arithmetic, without temporaries
+            if not difference:
+                y += 1
+            y *= hi - lo
+            y /= 2
+            if not difference:
+                y += lo
+            return y
         if difference:
             return y * (hi - lo) / 2
         return (y + 1) * (hi - lo) / 2 + lo

@@ -10,6 +10,17 @@ instance normalisation, whose statistics change with the extent of the input, an
 much larger than the crops the network learnt on is segmented far worse than its windows.
 Inputs are read one batch of slices at a time, so lazy (zarr, dask) volumes are never loaded
 whole, and outputs may be zarr arrays written batch by batch.
+
+Memory is bounded by the batch, never by the volume: a batch (a *slab* of slices) holds at most
+:data:`SLAB_MEMORY` bytes of inputs and outputs (:func:`slab_slices` takes fewer slices than
+``batch_size`` when slices are large), it is normalised and checked one slice at a time, and its
+results go to the output arrays before the next batch is read.
+
+A slice or window whose input is constant (every pixel of every channel equal: an all-zero or
+padded slice above or below the anatomy) carries no information; it is background with
+certainty (probability 1 for class 0), whatever the network would make of it. Instance
+normalisation turns such an input into zeros, and the convolutions' zero padding then draws a
+frame along its border.
 """
 
 from __future__ import annotations
@@ -32,15 +43,22 @@ from .windows import WINDOW_OVERLAP, blend_windows, check_overlap, gaussian_wind
 if TYPE_CHECKING:  # a Model predicts through this module (Model.predict)
     from .model import Model
 
+
 __all__ = [
     "WINDOW_OVERLAP",
     "apply_to_slices",
     "gaussian_window",
     "iter_predict_volume",
     "predict_normalised_slices",
+    "predict_slab",
     "predict_volume",
+    "slab_slices",
     "window_starts",
 ]
+
+#: Bytes of inputs and outputs one slab (batch of slices) may hold during prediction; with
+#: 2048 x 2048 slices, one channel and two classes a slab holds 3 slices.
+SLAB_MEMORY = 256 * 2**20
 
 
 def _pad_amounts(size: int, multiple: int) -> tuple[int, int]:
@@ -131,7 +149,8 @@ def predict_normalised_slices(
     method : Method
     x : (B, C, H, W) float32 ndarray
         Normalised slices of any size; slices larger than ``tile_size`` are predicted in
-        overlapping windows (see :func:`apply_to_slices`).
+        overlapping windows (see :func:`apply_to_slices`). A slice or window that is constant
+        is background with certainty (see :func:`no_information`).
     outputs : sequence of str
         Extra method outputs to return (e.g. ``"residual"``), in normalised units.
     tile_size : int or None
@@ -140,13 +159,14 @@ def predict_normalised_slices(
     Returns
     -------
     dict
-        ``mask`` (B, H, W) int64, ``probabilities`` (B, K, H, W) float32, and each requested
-        output as (B, C, H, W) float32.
+        ``mask`` (B, H, W) uint8 (int32 beyond 256 classes), ``probabilities`` (B, K, H, W)
+        float32, and each requested output as (B, C, H, W) float32.
     """
+    kinds = {name: method.outputs.get(name) for name in outputs}
 
     def predict(t: torch.Tensor) -> dict[str, torch.Tensor]:
         res = method.predict(t)
-        return {name: res[name] for name in ("probabilities", *outputs)}
+        return no_information(t, {name: res[name] for name in ("probabilities", *outputs)}, kinds)
 
     res = apply_to_slices(method, x, predict, tile_size=tile_size)
     probs = res.pop("probabilities")
@@ -156,16 +176,172 @@ def predict_normalised_slices(
     return out
 
 
+def constant_inputs(t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: which of the ``(B, C, h, w)`` inputs are constant in every channel."""
+    flat = t.flatten(2)
+    return (flat.amax(2) == flat.amin(2)).all(1)
+
+
+def no_information(
+    t: torch.Tensor, res: dict[str, torch.Tensor], kinds: dict[str, str | None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Make the predictions of constant inputs say "nothing here".
+
+    A constant slice or window (all zeros, a constant fill, padding) holds no information; the
+    network's answer on it is an artefact (instance normalisation maps it to zeros and the
+    convolutions' zero padding draws a frame along its border). Its probabilities become
+    certain background (1 for class 0), its ``difference`` outputs (residuals) 0 and its image
+    outputs (healthy translations) the input itself. Non-finite answers are left as they are,
+    so that a broken network is reported on blank inputs too.
+
+    Parameters
+    ----------
+    t : (B, C, h, w) Tensor
+        Normalised inputs, as given to ``method.predict``.
+    res : dict of (B, c, h, w) Tensor
+        ``probabilities`` and any extra outputs of ``method.predict(t)``.
+    kinds : dict of str to str, optional
+        ``method.outputs`` kinds of the extra outputs (``"difference"`` or an image kind).
+
+    Returns
+    -------
+    dict
+        ``res``, with the entries of constant inputs replaced (other entries untouched).
+    """
+    blank = constant_inputs(t)
+    if not bool(blank.any()):
+        return res
+    if not all(bool(torch.isfinite(v[blank]).all()) for v in res.values()):
+        return res  # a broken network (NaN, Inf) is still reported, blank inputs or not
+    out = dict(res)
+    for name, value in res.items():
+        value = value.clone()
+        if name == "probabilities":
+            value[blank] = 0
+            value[blank, 0] = 1
+        elif (kinds or {}).get(name) == "difference":
+            value[blank] = 0
+        elif value.shape[1] == t.shape[1]:
+            value[blank] = t[blank].to(value.dtype)
+        out[name] = value
+    return out
+
+
 def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
-    """``probs.argmax(1)`` (first maximum wins) without torch's slow strided CPU reduction
-    over the class axis (about 10x faster on CPU for (B, K, H, W) inputs)."""
-    best = probs[:, 0]
-    idx = torch.zeros(best.shape, dtype=torch.int64, device=probs.device)
-    for k in range(1, probs.shape[1]):
-        better = probs[:, k] > best
-        idx[better] = k
-        best = torch.maximum(best, probs[:, k])
+    """``probs.argmax(1)`` (first maximum wins) as uint8 (int32 beyond 256 classes), without
+    torch's slow strided CPU reduction over the class axis (about 10x faster on CPU for
+    (B, K, H, W) inputs); temporaries are one slice at a time."""
+    dtype = torch.uint8 if probs.shape[1] <= 256 else torch.int32
+    idx = torch.zeros((probs.shape[0], *probs.shape[2:]), dtype=dtype, device=probs.device)
+    for b in range(probs.shape[0]):
+        best = probs[b, 0]
+        for k in range(1, probs.shape[1]):
+            better = probs[b, k] > best
+            idx[b][better] = k
+            best = torch.maximum(best, probs[b, k])
     return idx
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    """Dtype of predicted masks: uint8, or uint16 beyond 256 classes."""
+    return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+def slab_slices(
+    model: Model, slice_shape: Sequence[int], batch_size: int, *, outputs: int = 0,
+    itemsize: int = 4, budget: int | None = None,
+) -> int:
+    """Slices per slab: ``batch_size``, or fewer so that a slab's working memory stays within
+    ``budget`` bytes (default :data:`SLAB_MEMORY`), at least one.
+
+    The working memory of a slab is per pixel: the raw slices (``itemsize`` bytes a channel),
+    their normalised copy (4 bytes a channel), the class probabilities (4 bytes a class), the
+    mask and each extra output (4 bytes a channel).
+    """
+    budget = SLAB_MEMORY if budget is None else budget
+    c, k = model.in_channels, model.num_classes
+    per_pixel = c * (itemsize + 4) + 4 * k + 4 * c * outputs + mask_dtype(k).itemsize
+    per_slice = per_pixel * math.prod(int(d) for d in slice_shape)
+    return int(max(1, min(batch_size, budget // max(1, per_slice))))
+
+
+def normalise_slices(normaliser, raw) -> np.ndarray:
+    """``(B, C, H, W)`` float32 normalised copy of raw slices, one slice at a time (so the
+    temporaries of the arithmetic are one slice, not the batch)."""
+    out = np.empty(raw.shape, np.float32)
+    for i in range(raw.shape[0]):
+        out[i] = normaliser(raw[i], channel_axis=0)
+    return out
+
+
+def _load_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed by the last slab back to the operating system (glibc).
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heaps,
+    where slabs of different threads fragment them: a long threaded prediction then creeps up
+    in resident memory with the number of slabs. ``malloc_trim`` after each slab keeps the peak
+    at one slab's working set (measured: 2048 x 2048 slices, 8 or 32 of them).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def predict_slab(model: Model, raw, outputs: Sequence[str] = (), *, where: str = "") -> dict[str, np.ndarray]:
+    """Predict a slab of raw slices: normalise, predict, check, bring outputs to image units.
+
+    This is the one unit of work of streamed prediction (:func:`iter_predict_volume` and
+    :mod:`semiseg.lazy`): its results are written to the output arrays before the next slab is
+    read, so memory is bounded by the slab (see :func:`slab_slices`), not the volume.
+
+    Parameters
+    ----------
+    model : Model
+    raw : (B, C, H, W) array-like
+        Raw slices in image units (any numeric dtype).
+    outputs : sequence of str
+        Extra method outputs.
+    where : str
+        Names the slices in error messages (e.g. ``"slices 8..15"``).
+
+    Returns
+    -------
+    dict
+        ``mask`` (B, H, W) :func:`mask_dtype`, ``probabilities`` (B, K, H, W) float32 and each
+        output (B, C, H, W) float32 in image units.
+
+    Raises
+    ------
+    InputError
+        When the slices hold NaN or Inf.
+    PredictionError
+        When the model yields non-finite values.
+    """
+    method = model.method
+    x = normalise_slices(model.normaliser, raw)
+    pred = predict_normalised_slices(method, x, outputs, tile_size=model.tile_size)
+    del x
+    for b in range(len(pred["probabilities"])):  # one slice at a time: no (B, K, H, W) bools
+        if not np.isfinite(pred["probabilities"][b]).all():
+            on = f" on {where}" if where else ""
+            raise PredictionError(f"the model produced non-finite values{on}")
+    pred["mask"] = pred["mask"].astype(mask_dtype(model.num_classes), copy=False)
+    for name in outputs:  # in place: one buffer per output
+        model.normaliser.inverse(
+            pred[name], channel_axis=1, difference=method.outputs[name] == "difference", in_place=True
+        )
+    return pred
 
 
 def check_prediction_inputs(model: Model, image, outputs: Sequence[str], batch_size: int):
@@ -206,7 +382,8 @@ def iter_predict_volume(
     image : (Z, Y, X) or (C, Z, Y, X) array-like
         Raw image; read one batch of slices at a time and never modified.
     batch_size : int
-        Slices per forward pass.
+        Slices per forward pass, at most: large slices go in fewer so that a batch holds at
+        most :data:`SLAB_MEMORY` bytes (see :func:`slab_slices`).
     outputs : sequence of str
         Extra method outputs (see ``model.method.outputs``), returned in image intensity units
         with the image's shape.
@@ -214,7 +391,9 @@ def iter_predict_volume(
         Also return class probabilities ``(K, Z, Y, X)``.
     out : dict, optional
         Preallocated arrays (numpy or zarr) to write into, keyed like the result (``mask``,
-        ``probabilities``, output names). Missing ones are allocated in memory.
+        ``probabilities``, output names); each batch is written as soon as it is predicted.
+        Missing ones are allocated in memory; with every result given as a zarr array, memory
+        is bounded by one batch whatever the volume.
 
     Returns
     -------
@@ -236,9 +415,12 @@ def iter_predict_volume(
     spatial = tuple(image.shape[1:])
     n = spatial[axis]
     k = model.num_classes
-    mask_dtype = np.uint8 if k <= 256 else np.uint16
+    m_dtype = mask_dtype(k)
+    plane = [d for i, d in enumerate(spatial) if i != axis]
+    itemsize = np.dtype(getattr(image, "dtype", np.float32)).itemsize
+    batch_size = slab_slices(model, plane, batch_size, outputs=len(outputs), itemsize=itemsize)
     res = dict(out or {})
-    res.setdefault("mask", np.zeros(spatial, mask_dtype))
+    res.setdefault("mask", np.zeros(spatial, m_dtype))
     if probabilities:
         res.setdefault("probabilities", np.zeros((k, *spatial), np.float32))
     for name in outputs:
@@ -251,17 +433,15 @@ def iter_predict_volume(
         idx = [slice(None)] * 4
         idx[axis + 1] = slice(s, e)
         try:
-            raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+            raw = np.asarray(image[tuple(idx)])
         except MemoryError:
             raise PredictionError(f"not enough memory to read slices {s}..{e - 1}") from None
         except Exception as exc:  # corrupt chunks of lazy (zarr) images
             raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
         x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
         try:
-            pred = predict_normalised_slices(
-                method, model.normaliser(x, channel_axis=1), outputs, tile_size=model.tile_size
-            )
-        except InputError:
+            pred = predict_slab(model, x, outputs, where=f"slices {s}..{e - 1}")
+        except (InputError, PredictionError):
             raise
         except Exception as exc:
             del x, raw
@@ -274,21 +454,19 @@ def iter_predict_volume(
             if batch_size > 1:  # retry the same slices in smaller batches
                 batch_size = max(1, batch_size // 2)
                 continue
-            h, w = (d for i, d in enumerate(spatial) if i != axis)
+            h, w = plane
             raise PredictionError(
                 f"out of memory predicting one {h} x {w} slice on {method.device.type}; "
                 "use a model with smaller features, a device with more memory, or crop the image"
             ) from None
-        if not np.isfinite(pred["probabilities"]).all():
-            raise PredictionError(f"the model produced non-finite values on slices {s}..{e - 1}")
-        _put(res["mask"], axis, s, e, pred["mask"].astype(mask_dtype))
+        del x, raw
+        _put(res["mask"], axis, s, e, pred.pop("mask"))
         if probabilities:
-            _put(res["probabilities"], axis + 1, s, e, pred["probabilities"])
+            _put(res["probabilities"], axis + 1, s, e, pred.pop("probabilities"))
         for name in outputs:
-            y = model.normaliser.inverse(
-                pred[name], channel_axis=1, difference=method.outputs[name] == "difference"
-            )
-            _put(res[name], axis + 1, s, e, y)
+            _put(res[name], axis + 1, s, e, pred.pop(name))
+        del pred
+        release_free_memory()
         yield Progress(e, n, {}, time.perf_counter() - start, phase="predict")
         s = e
     if squeeze:

@@ -1,12 +1,17 @@
 """Lazy, chunked prediction of volumes larger than memory, with dask.
 
 The volume is viewed as a dask array and cut into *slabs*: ``batch_size`` whole slices along the
-model's slicing axis (every other axis in one piece). One task per slab reads it, normalises it
-and runs the network (:func:`semiseg.inference.predict_normalised_slices`); the results are
-written to zarr with :func:`dask.array.store`, slab by slab. Networks are 2D: every slice is
-predicted on its own (whole, or in blended windows of the training crop inside the slice), so
-slabs need **no overlap** along the slicing axis (no halo, no seams between slabs) and peak
-memory is a few slabs whatever the volume size.
+model's slicing axis (every other axis in one piece), fewer when slices are large
+(:func:`semiseg.inference.slab_slices`). One task per slab reads it, normalises it and runs the
+network (:func:`semiseg.inference.predict_slab`); each of its results (mask, probabilities,
+outputs) is its own dask array, written to zarr with :func:`dask.array.store`, slab by slab.
+Networks are 2D: every slice is predicted on its own (whole, or in blended windows of the
+training crop inside the slice), so slabs need **no overlap** along the slicing axis (no halo,
+no seams between slabs).
+
+Peak memory is bounded by the slab, not the volume: one slab is predicted at a time in each
+process (a lock; the other threads of the local scheduler read the next slab and write the last
+one meanwhile), so a volume of 8 or of 2,000 slices peaks at the same resident memory.
 
 The same graph runs on dask's local schedulers (threads by default, or ``"synchronous"``) or on
 a ``dask.distributed`` cluster given its scheduler address; the model travels to each worker
@@ -29,7 +34,7 @@ import numpy as np
 
 from .device import resolve_device
 from .errors import InputError, PredictionError
-from .inference import check_prediction_inputs, predict_normalised_slices
+from .inference import check_prediction_inputs, mask_dtype, predict_slab, release_free_memory, slab_slices
 from .io import _suffix, atomic_path
 from .methods.base import state_to_cpu
 from .model import FORMAT, FORMAT_VERSION, Model
@@ -132,26 +137,33 @@ def _set_eval(model: Model) -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------- the graph
-def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dtype):
+#: One slab predicted at a time per process: the network's ops already use every core (torch's
+#: intra-op threads) or the one GPU, and two slabs in flight would double the peak memory.
+_PREDICT_LOCK = threading.Lock()
+
+
+def _predict_slab(block, handle, *, axis, outputs):
     """Predict one slab ``(C, ...)`` whose slicing axis is ``axis + 1``.
 
-    Returns the mask slab ``(...)`` when only the mask is wanted, else a float32 stack
-    ``(K [+ C * len(outputs)], ...)`` of probabilities and outputs (the mask is its argmax).
+    Returns a dict of ``mask`` (...), ``probabilities`` (K, ...) and each output (C, ...),
+    with the slab's axes.
     """
-    model = handle.get()
-    x = np.moveaxis(np.asarray(block, dtype=np.float32), axis + 1, 0)  # (B, C, H, W)
-    pred = predict_normalised_slices(
-        model.method, model.normaliser(x, channel_axis=1), outputs, tile_size=model.tile_size
-    )
-    if not np.isfinite(pred["probabilities"]).all():
-        raise PredictionError("the model produced non-finite values")
-    if not probabilities and not outputs:
-        return np.moveaxis(pred["mask"].astype(mask_dtype), 0, axis)
-    parts = [pred["probabilities"]]
-    for name in outputs:
-        parts.append(model.normaliser.inverse(pred[name], channel_axis=1, difference=kinds[name] == "difference"))
-    stack = np.concatenate(parts, axis=1)  # (B, K + C*n, H, W)
-    return np.moveaxis(stack, 0, axis + 1)
+    with _PREDICT_LOCK:
+        model = handle.get()
+        x = np.moveaxis(np.asarray(block), axis + 1, 0)  # (B, C, H, W)
+        del block
+        pred = predict_slab(model, x, outputs)
+        del x
+        release_free_memory()
+    res = {"mask": np.moveaxis(pred.pop("mask"), 0, axis)}
+    for name, value in pred.items():
+        res[name] = np.moveaxis(value, 0, axis + 1)
+    return res
+
+
+def _take(res: dict, key: str):
+    """One result of a slab (dask drops the slab's dict once every result is taken)."""
+    return res[key]
 
 
 def lazy_predict(
@@ -172,7 +184,8 @@ def lazy_predict(
         Numpy, dask, zarr (OME-Zarr level 0 via :func:`semiseg.io.open_zarr_array`) or any
         array with ``chunks``. Read one slab at a time.
     batch_size : int
-        Slices per slab: per task, per forward pass and per zarr write.
+        Slices per slab (per task, per forward pass and per zarr write), at most: large slices
+        go in fewer (:func:`semiseg.inference.slab_slices`).
     outputs : sequence of str
         Extra method outputs (``model.method.outputs``), in image intensity units.
     probabilities : bool
@@ -184,7 +197,8 @@ def lazy_predict(
     -------
     dict of dask.array.Array
         ``mask`` (Z, Y, X) uint8/uint16, optionally ``probabilities`` (K, Z, Y, X) float32 and
-        each output (shaped like ``image``). Their chunks are one slab.
+        each output (shaped like ``image``). Their chunks are one slab; all of them come from
+        one prediction task per slab.
 
     Raises
     ------
@@ -194,46 +208,42 @@ def lazy_predict(
     import dask
     import dask.array as da
 
+
     image, squeeze = check_prediction_inputs(model, image, outputs, batch_size)
-    method = model.method
     if not isinstance(image, da.Array):
         chunks = getattr(image, "chunks", None)
         image = da.from_array(image, chunks=chunks if isinstance(chunks, tuple) else -1)
     axis = model.axis
     c = image.shape[0]
     k = model.num_classes
-    mask_dtype = np.dtype(np.uint8 if k <= 256 else np.uint16)
-    # One slab = batch_size slices along the model's axis; whole along every other axis.
+    plane = [d for i, d in enumerate(image.shape[1:]) if i != axis]
+    size = slab_slices(model, plane, batch_size, outputs=len(outputs), itemsize=image.dtype.itemsize)
+    # One slab = size slices along the model's axis; whole along every other axis.
     slab = [-1] * 4
-    slab[axis + 1] = batch_size
+    slab[axis + 1] = size
     image = image.rechunk(tuple(slab))
     handle = dask.delayed(ModelHandle(model, device), name=f"semiseg-model-{uuid.uuid4().hex}")
-    kwargs = {
-        "axis": axis,
-        "outputs": tuple(outputs),
-        "kinds": {o: method.outputs[o] for o in outputs},
-        "probabilities": probabilities,
-        "mask_dtype": mask_dtype,
-    }
-    name = f"semiseg-predict-{uuid.uuid4().hex}"
-    if not probabilities and not outputs:
-        mask = da.map_blocks(
-            _predict_slab, image, handle, drop_axis=0, dtype=mask_dtype,
-            chunks=image.chunks[1:], name=name, meta=np.empty((0,) * 3, mask_dtype), **kwargs,
+    uid = uuid.uuid4().hex
+    wanted = ["mask", *(["probabilities"] if probabilities else []), *outputs]
+    dtypes = {"mask": mask_dtype(k), "probabilities": np.dtype(np.float32)}
+    blocks = image.to_delayed().reshape(-1)
+    parts: dict[str, list] = {key: [] for key in wanted}
+    for j, block in enumerate(blocks):
+        n_j = image.chunks[axis + 1][j]
+        spatial = list(image.shape[1:])
+        spatial[axis] = n_j
+        res = dask.delayed(_predict_slab, pure=False)(
+            block, handle, axis=axis, outputs=tuple(outputs), dask_key_name=f"semiseg-predict-{uid}-{j}"
         )
-        return {"mask": mask}
-    depth = k + c * len(outputs)
-    stack = da.map_blocks(
-        _predict_slab, image, handle, dtype=np.float32, chunks=((depth,), *image.chunks[1:]),
-        name=name, meta=np.empty((0,) * 4, np.float32), **kwargs,
-    )
-    res = {"mask": stack[:k].argmax(axis=0).astype(mask_dtype)}
-    if probabilities:
-        res["probabilities"] = stack[:k]
-    for i, o in enumerate(outputs):
-        y = stack[k + i * c : k + (i + 1) * c]
-        res[o] = y[0] if squeeze else y
-    return res
+        for key in wanted:
+            shape = spatial if key == "mask" else [k if key == "probabilities" else c, *spatial]
+            item = dask.delayed(_take, pure=True)(res, key, dask_key_name=f"semiseg-take-{key}-{uid}-{j}")
+            parts[key].append(da.from_delayed(item, shape=tuple(shape), dtype=dtypes.get(key, np.float32)))
+    out = {}
+    for key in wanted:
+        arr = da.concatenate(parts[key], axis=axis if key == "mask" else axis + 1)
+        out[key] = arr[0] if squeeze and key in outputs else arr
+    return out
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -248,8 +258,12 @@ def open_scheduler(scheduler=None, *, num_workers: int | None = None):
         an address such as ``"tcp://10.0.0.1:8786"``: a ``dask.distributed`` cluster (a client
         is opened for the block and closed after); a ``Client``: used as is.
     num_workers : int, optional
-        Threads of the local threaded scheduler (default 2: one slab computes while another is
-        read or written; the network's own ops use torch's intra-op threads).
+        Threads of the local threaded scheduler (default 1). Slabs are predicted one at a time
+        in any case (the network's own ops use torch's intra-op threads); a second thread only
+        reads the next slab and writes the last one meanwhile, which bought nothing measurable
+        on CPU (22.1 s vs 22.5 s for 32 slices of 2048 x 2048) and lets glibc's heaps fragment
+        across threads: peak memory then creeps up with the number of slabs (+10 % from 8 to
+        32 slices).
 
     Raises
     ------
@@ -257,7 +271,7 @@ def open_scheduler(scheduler=None, *, num_workers: int | None = None):
         When the cluster cannot be reached or ``distributed`` is not installed.
     """
     if scheduler is None or scheduler == "threads":
-        yield {"scheduler": "threads", "num_workers": num_workers or 2}
+        yield {"scheduler": "threads", "num_workers": num_workers or 1}
         return
     if scheduler in ("synchronous", "sync", "single-threaded"):
         yield {"scheduler": "synchronous"}
@@ -286,7 +300,8 @@ def open_scheduler(scheduler=None, *, num_workers: int | None = None):
 
 
 class _SlabProgress:
-    """Local-scheduler callback: calls ``fn(done, total)`` as prediction tasks finish."""
+    """Local-scheduler callback: calls ``fn(done, total)`` as prediction tasks (keys naming
+    ``prefix``) finish."""
 
     def __init__(self, prefix: str, total: int, fn: Callable[[int, int], None]):
         from dask.callbacks import Callback
@@ -296,7 +311,7 @@ class _SlabProgress:
 
         def posttask(key, result, dsk, state, worker_id):
             name = key[0] if isinstance(key, tuple) else key
-            if isinstance(name, str) and name.startswith(prefix):
+            if isinstance(name, str) and prefix in name:  # also once fused with its consumers
                 with lock:
                     self.done += 1
                     fn(self.done, total)

@@ -84,4 +84,6 @@ def blend_windows(
                     )
                 acc[key][win] += value.float() * weight
             total[win] += weight
-    return {k: v / total for k, v in acc.items()}
+    for v in acc.values():
+        v /= total  # in place: no second (B, c, H, W) buffer
+    return acc
