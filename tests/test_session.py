@@ -1,0 +1,293 @@
+"""The Train dock's session without a display: start, progress, stop, cancel, error, continue,
+rollback, lazy outputs and sampling (no Qt, no napari: runs with ``-p no:xvfb``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import semiseg
+from semiseg import InputError, ModelFileError, PredictionError, TrainConfig, TrainingError
+from semiseg.napari import _jobs
+from semiseg.napari._session import Event, Session, error_title, is_lazy, run_inline
+
+from ._util import TINY_PARAMS, array_hash
+
+
+class StepRunner:
+    """A runner the test drives by hand: ``step()`` runs the job to its next record."""
+
+    def __init__(self):
+        self.gen = None
+
+    def __call__(self, gen, yielded, returned, finished):
+        self.gen, self.yielded, self.returned, self.finished = gen, yielded, returned, finished
+        return "worker"
+
+    def step(self) -> bool:
+        """Run to the next record (True) or to the end (False: returned and finished called)."""
+        try:
+            self.yielded(next(self.gen))
+            return True
+        except StopIteration as stop:
+            self.returned(stop.value)
+            self.finished()
+            return False
+
+    def finish(self) -> None:
+        while self.step():
+            pass
+
+
+def _record(session: Session) -> list:
+    """Every event of ``session`` as ``(name, argument)``, in order."""
+    seen = []
+    for name in ("started", "progress", "done", "error", "finished", "model_changed"):
+        getattr(session.events, name).connect(lambda *a, name=name: seen.append((name, a[0] if a else None)))
+    return seen
+
+
+def _job(s, steps=2, **kw) -> _jobs.TrainJob:
+    return _jobs.TrainJob(
+        image=s.image[None],
+        labels=s.labels.copy(),
+        tags=s.tags,
+        params=dict(kw.pop("params", TINY_PARAMS)),
+        config=TrainConfig(steps=steps, batch_size=2, crop=32, seed=0, preview_every=0.0),
+        device="cpu",
+        **kw,
+    )
+
+
+@pytest.fixture
+def session(tmp_path):
+    return Session(backend="thread", runs_dir=tmp_path / "runs")
+
+
+def test_importing_the_session_loads_no_qt_or_napari():
+    code = (
+        "import sys, semiseg.napari._session; "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt', 'vispy')); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_train_reports_progress_then_done_and_keeps_a_run(session, tiny_phantom, tmp_path):
+    s = tiny_phantom
+    before = array_hash(s.labels)
+    seen = _record(session)
+    job = _job(s, uncertainty=True)
+    running = session.train(job, "scan")
+    assert running is not None and running.kind == "train" and not running.continued
+    assert not session.busy and session.phase == "idle"  # the inline runner ran it to the end
+    names = [n for n, _ in seen]
+    assert names[0] == "started" and names[-2:] == ["done", "finished"]
+    assert "error" not in names and names.index("model_changed") < names.index("done")
+    phases = [p.phase for n, p in seen if n == "progress"]
+    assert phases.index("train") < phases.index("predict") < phases.index("uncertainty")
+    done = seen[names.index("done")][1]
+    assert done.kind == "train" and done.image_name == "scan"
+    assert done.message == "Trained 2 steps on cpu"
+    assert session.model is done.result.model and session.model_image == "scan"
+    assert session.model_input is job.image
+    assert done.outputs["mask"].shape == s.labels.shape and isinstance(done.outputs["mask"], np.ndarray)
+    assert array_hash(s.labels) == before  # the user's labels are never changed
+    # The session filled in the job's run store: the run is kept in its folder, no model path.
+    assert running.job.runs_dir == str(tmp_path / "runs") and running.job.out_dir is None
+    assert done.result.run is not None and done.result.run.path.parent == tmp_path / "runs"
+    assert [r.path for r in session.list_runs()] == [done.result.run.path]
+
+
+def test_continue_and_from_scratch(session, tiny_phantom):
+    s = tiny_phantom
+    session.train(_job(s), "scan")
+    first = session.model
+    running = session.train(_job(s, steps=3), "scan", continue_model=True)
+    assert running.continued and session.model.method.step == 5 and len(session.model.history) == 2
+    running = session.train(_job(s, steps=1), "scan", continue_model=False)
+    assert not running.continued and session.model.method.step == 1 and len(session.model.history) == 1
+    assert session.model is not first
+    assert [r.steps for r in session.list_runs()] == [1, 3, 2]  # newest first
+    # Prediction continues the current model whatever the flag, and keeps no run.
+    model = session.model
+    running = session.predict(_job(s), "scan")
+    assert running.continued and running.job.runs_dir is None and not running.job.train
+    assert session.model.method.step == model.method.step and len(session.list_runs()) == 3
+    assert session.last_result.run is None
+
+
+def test_one_job_at_a_time_and_stop_ends_training_then_predicts(tmp_path, tiny_phantom):
+    runner = StepRunner()
+    session = Session(backend="thread", runner=runner, runs_dir=tmp_path / "runs")
+    seen = _record(session)
+    assert session.stop() is None  # nothing runs
+    running = session.train(_job(tiny_phantom, steps=100_000), "scan")
+    assert session.busy and session.phase == "train" and running.worker == "worker"
+    assert session.train(_job(tiny_phantom), "scan") is None  # busy: refused
+    assert session.sample(0, 2) is None
+    for _ in range(3):
+        assert runner.step()
+    assert session.stop() == "Stopping training..."
+    while session.phase == "train":
+        assert runner.step()
+    assert session.phase == "predict"  # Stop acts at the next step; the volume is predicted
+    runner.finish()
+    assert not session.busy
+    done = [a for n, a in seen if n == "done"][0]
+    assert done.result.stopped and done.outputs is not None
+    assert 1 <= session.model.history[-1]["steps"] < 100_000
+    assert done.message.endswith("(stopped)")
+
+
+def test_stop_during_prediction_cancels_it_and_keeps_the_model(tmp_path, tiny_phantom):
+    runner = StepRunner()
+    session = Session(backend="thread", runner=runner, runs_dir=tmp_path / "runs")
+    seen = _record(session)
+    session.train(_job(tiny_phantom, uncertainty=True), "scan")
+    while session.phase == "train":
+        runner.step()
+    assert session.stop() == "Cancelling prediction..."
+    runner.finish()
+    done = [a for n, a in seen if n == "done"][0]
+    assert done.outputs is None and done.result.uncertainty is None
+    assert session.model is done.result.model and session.model.history[-1]["steps"] == 2
+    assert done.message == "Trained 2 steps on cpu; prediction cancelled"
+
+
+def test_cancel_abandons_training_and_prediction(tmp_path, tiny_phantom):
+    runner = StepRunner()
+    session = Session(backend="thread", runner=runner, runs_dir=tmp_path / "runs")
+    seen = _record(session)
+    session.train(_job(tiny_phantom, steps=100_000), "scan")
+    runner.step()
+    session.cancel()
+    runner.finish()
+    done = [a for n, a in seen if n == "done"][0]
+    assert done.outputs is None and done.result.stopped
+    assert "predict" not in [p.phase for n, p in seen if n == "progress"]
+
+
+def test_errors_are_events_and_keep_the_previous_model(session, tiny_phantom, monkeypatch):
+    s = tiny_phantom
+    seen = _record(session)
+    job = dataclasses.replace(_job(s), labels=np.zeros((3, 5, 5), np.uint8))
+    session.train(job, "scan")
+    errors = [a for n, a in seen if n == "error"]
+    assert len(errors) == 1 and isinstance(errors[0], InputError) and "does not match" in str(errors[0])
+    assert session.model is None and session.last_error is errors[0] and not session.busy
+    assert [n for n, _ in seen][-1] == "finished"
+    # Predicting without a model is an error of the job too.
+    session.predict(_job(s), "scan")
+    assert isinstance(session.last_error, InputError) and "needs a model" in str(session.last_error)
+    session.train(_job(s), "scan")
+    good = session.model
+    from semiseg.methods.supervised import Supervised
+
+    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice": float("nan")})
+    session.train(_job(s), "scan")
+    assert isinstance(session.last_error, TrainingError) and session.model is good
+
+
+@pytest.mark.parametrize(
+    ("exc", "title"),
+    [
+        (PredictionError("x"), "Prediction failed"),
+        (TrainingError("x"), "Training failed"),
+        (ModelFileError("x"), "Cannot read the model file"),
+        (InputError("x"), "Cannot train"),
+        (ValueError("x"), "Error"),
+        (OSError("x"), "Error"),
+    ],
+)
+def test_error_titles_by_class(exc, title):
+    assert error_title(exc) == title
+
+
+def test_rollback_loads_a_kept_run_and_a_bad_one_changes_nothing(session, tiny_phantom, tmp_path):
+    s = tiny_phantom
+    with pytest.raises(InputError, match="no training run"):
+        session.rollback("")
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError):
+        session.rollback(str(bad))
+    assert session.model is None
+    session.train(_job(s, steps=3), "scan")
+    session.train(_job(s, steps=2), "scan")
+    runs = session.list_runs()
+    assert [r.steps for r in runs] == [2, 3]
+    changed = []
+    session.events.model_changed.connect(changed.append)
+    model = session.rollback(str(runs[1].path), "scan", s.image[None])
+    assert changed == [model] and session.model is model
+    assert model.method.step == 3 and len(model.history) == 1
+    assert len(session.list_runs()) == 2  # rolling back keeps every run
+    assert session.model_image == "scan" and session.model_input.shape == (1, *s.image.shape)
+    path = session.save_model(tmp_path / "m.pt")
+    assert semiseg.Model.load(path).method.step == 3
+
+
+def test_lazy_outputs_stay_on_disk_until_replaced_or_shut_down(session, tiny_phantom):
+    s = tiny_phantom
+    assert is_lazy(np.zeros(4)) is False and is_lazy(np.zeros(4), lazy_bytes=0) is True
+    seen = _record(session)
+    running = session.train(_job(s), "scan", lazy_bytes=0)
+    assert running.lazy and running.out_dir
+    done = [a for n, a in seen if n == "done"][-1]
+    assert hasattr(done.outputs["mask"], "dask")  # shown lazily
+    first = list(session.lazy_dirs)
+    assert first == [running.out_dir] and all(__import__("os").path.isdir(d) for d in first)
+    session.train(_job(s), "scan", lazy_bytes=0)
+    assert session.lazy_dirs != first and not any(__import__("os").path.isdir(d) for d in first)
+    dirs = list(session.lazy_dirs)
+    session.shutdown()
+    assert session.lazy_dirs == [] and not any(__import__("os").path.isdir(d) for d in dirs)
+
+
+def test_sampling_is_a_job_of_the_session(session, tiny_phantom):
+    s = tiny_phantom
+    assert session.sample(0, 2) is None  # no model
+    session.train(_job(s), "scan")
+    assert not session.can_sample and session.sample(0, 2) is None  # supervised cannot sample
+    params = {**TINY_PARAMS, "unique_channels": 4, "disc_features": (8, 16), "disc_scales": 1}
+    session.train(_job(s, method="translation", params=params), "scan", continue_model=False)
+    assert session.can_sample
+    seen = _record(session)
+    running = session.sample(4, 3)
+    assert running.kind == "sample" and running.sample_index == 4
+    assert running.job.image.shape == (1, 1, *s.image.shape[1:])  # only the slice travels
+    done = [a for n, a in seen if n == "done"][0]
+    assert done.kind == "sample" and done.result.index == 4 and done.image_name == "scan"
+    assert done.result.samples.shape == (3, 1, *s.image.shape[1:])  # (n, C, Y, X)
+    expected = semiseg.sample_tumours(session.model, s.image[None], 4, 3)  # the whole volume
+    np.testing.assert_allclose(done.result.samples, expected, rtol=1e-5, atol=1e-6)
+    assert done.message == "3 sampled tumours on slice 4 (slider: sample)"
+
+
+def test_events_and_runners():
+    ev = Event()
+    got = []
+    ev.connect(got.append)
+    cb = ev.connect(lambda x: got.append(-x))
+    ev.emit(2)
+    ev.disconnect(cb)
+    ev.emit(3)
+    assert got == [2, -2, 3]
+
+    def gen():
+        yield 1
+        yield 2
+        return "r"
+
+    calls = []
+    run_inline(gen(), lambda p: calls.append(("y", p)), lambda v: calls.append(("r", v)), lambda: calls.append("f"))
+    assert calls == [("y", 1), ("y", 2), ("r", "r"), "f"]
+    with pytest.raises(ValueError, match="backend"):
+        Session(backend="gpu")
