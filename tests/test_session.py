@@ -4,6 +4,7 @@ rollback, lazy outputs and sampling (no Qt, no napari: runs with ``-p no:xvfb``)
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -140,7 +141,7 @@ def test_one_job_at_a_time_and_stop_ends_training_then_predicts(tmp_path, tiny_p
     assert session.phase == "predict"  # Stop acts at the next step; the volume is predicted
     runner.finish()
     assert not session.busy
-    done = [a for n, a in seen if n == "done"][0]
+    done = next(a for n, a in seen if n == "done")
     assert done.result.stopped and done.outputs is not None
     assert 1 <= session.model.history[-1]["steps"] < 100_000
     assert done.message.endswith("(stopped)")
@@ -155,7 +156,7 @@ def test_stop_during_prediction_cancels_it_and_keeps_the_model(tmp_path, tiny_ph
         runner.step()
     assert session.stop() == "Cancelling prediction..."
     runner.finish()
-    done = [a for n, a in seen if n == "done"][0]
+    done = next(a for n, a in seen if n == "done")
     assert done.outputs is None and done.result.uncertainty is None
     assert session.model is done.result.model and session.model.history[-1]["steps"] == 2
     assert done.message == "Trained 2 steps on cpu; prediction cancelled"
@@ -169,7 +170,7 @@ def test_cancel_abandons_training_and_prediction(tmp_path, tiny_phantom):
     runner.step()
     session.cancel()
     runner.finish()
-    done = [a for n, a in seen if n == "done"][0]
+    done = next(a for n, a in seen if n == "done")
     assert done.outputs is None and done.result.stopped
     assert "predict" not in [p.phase for n, p in seen if n == "progress"]
 
@@ -200,7 +201,7 @@ def test_errors_are_events_and_keep_the_previous_model(session, tiny_phantom, mo
     [
         (PredictionError("x"), "Prediction failed"),
         (TrainingError("x"), "Training failed"),
-        (ModelFileError("x"), "Cannot read the model file"),
+        (ModelFileError("x"), "Cannot load the model"),
         (InputError("x"), "Cannot train"),
         (ValueError("x"), "Error"),
         (OSError("x"), "Error"),
@@ -243,12 +244,12 @@ def test_lazy_outputs_stay_on_disk_until_replaced_or_shut_down(session, tiny_pha
     done = [a for n, a in seen if n == "done"][-1]
     assert hasattr(done.outputs["mask"], "dask")  # shown lazily
     first = list(session.lazy_dirs)
-    assert first == [running.out_dir] and all(__import__("os").path.isdir(d) for d in first)
+    assert first == [running.out_dir] and all(os.path.isdir(d) for d in first)
     session.train(_job(s), "scan", lazy_bytes=0)
-    assert session.lazy_dirs != first and not any(__import__("os").path.isdir(d) for d in first)
+    assert session.lazy_dirs != first and not any(os.path.isdir(d) for d in first)
     dirs = list(session.lazy_dirs)
     session.shutdown()
-    assert session.lazy_dirs == [] and not any(__import__("os").path.isdir(d) for d in dirs)
+    assert session.lazy_dirs == [] and not any(os.path.isdir(d) for d in dirs)
 
 
 def test_sampling_is_a_job_of_the_session(session, tiny_phantom):
@@ -263,7 +264,7 @@ def test_sampling_is_a_job_of_the_session(session, tiny_phantom):
     running = session.sample(4, 3)
     assert running.kind == "sample" and running.sample_index == 4
     assert running.job.image.shape == (1, 1, *s.image.shape[1:])  # only the slice travels
-    done = [a for n, a in seen if n == "done"][0]
+    done = next(a for n, a in seen if n == "done")
     assert done.kind == "sample" and done.result.index == 4 and done.image_name == "scan"
     assert done.result.samples.shape == (3, 1, *s.image.shape[1:])  # (n, C, Y, X)
     expected = semiseg.sample_tumours(session.model, s.image[None], 4, 3)  # the whole volume

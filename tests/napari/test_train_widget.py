@@ -292,3 +292,33 @@ def test_long_layer_names_and_run_descriptions_do_not_widen_the_docks(make_train
     assert after == before and max(after) < 600, (before, after)
     assert w.labels_combo.toolTip() == long_name  # the whole name, where the box cuts it
     assert "training runs kept in" in w.runs_combo.toolTip()
+
+
+def test_prediction_and_model_file_errors_show_their_own_titles(qtbot, make_train_widget, run_and_wait, sample_viewer, tmp_path, monkeypatch):
+    """Errors are titled by class (isinstance), not by name: subclasses keep their own title."""
+    from napari.utils.notifications import notification_manager
+
+    from semiseg import ModelFileError, PredictionError
+    from semiseg.napari import _jobs
+
+    w = make_train_widget(sample_viewer, steps=2)
+    n = len(notification_manager.records)
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a model")
+    w.runs_combo.addItem("broken run", str(bad))
+    w._update_buttons()
+    w.rollback_button.click()
+    assert isinstance(w.last_error, ModelFileError) and w.model is None
+    assert w.status.text().startswith("Cannot load the model: ")
+
+    def failing_prediction(*args, **kwargs):
+        raise PredictionError("not enough memory to read slices 0..7")
+        yield
+
+    monkeypatch.setattr(_jobs, "iter_predict_volume", failing_prediction)
+    run_and_wait(qtbot, w)
+    assert isinstance(w.last_error, PredictionError)
+    assert w.status.text().startswith("Prediction failed: not enough memory")
+    shown = [str(r.message) for r in notification_manager.records[n:]]
+    assert any(m.startswith("Cannot load the model: ") for m in shown)
+    assert any(m.startswith("Prediction failed: ") for m in shown)

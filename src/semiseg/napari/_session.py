@@ -55,7 +55,7 @@ LAZY_BYTES = 512 * 2**20
 ERROR_TITLES = (
     (PredictionError, "Prediction failed"),
     (TrainingError, "Training failed"),
-    (ModelFileError, "Cannot read the model file"),
+    (ModelFileError, "Cannot load the model"),
     (InputError, "Cannot train"),
 )
 
