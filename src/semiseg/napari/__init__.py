@@ -11,10 +11,15 @@ _reader, _writer, _sample
 _layers
     Layer helpers: weak tags stored in a labels layer's metadata, overlay layers, slice index.
 _jobs
-    Training + whole-volume prediction jobs, run in a worker thread or a spawned process
-    (no Qt; the widget wraps the generator with ``thread_worker``).
-_tags, _train, _lossplot, _params
-    Widgets.
+    Every job of the Train dock (training + whole-volume prediction + uncertainty, tumour
+    sampling) as a generator, run in a worker thread or a spawned process (no Qt).
+_session
+    The Train dock's state and decisions: model, running job, outputs, run store,
+    stop/cancel, plain events (no Qt; the widget's runner is napari's ``thread_worker``).
+_display
+    Staged layer display, throttled progress, overlay layers (Qt).
+_tags, _train, _suggest, _autosave, _lossplot, _params, _combo
+    Widgets (``_train`` is layout and wiring around a session).
 """
 
 #: Key of the weak tags in a labels layer's ``metadata``: ``(n_slices,)`` int8 array of
