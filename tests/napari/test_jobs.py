@@ -126,3 +126,18 @@ def test_worker_errors_cross_the_process_boundary_as_their_class(exc, cls):
 def test_unknown_worker_errors_become_training_errors_naming_their_class():
     back = _jobs._error_from(_jobs._error_kind(ZeroDivisionError("z")), "z")
     assert type(back) is TrainingError and str(back) == "ZeroDivisionError: z"
+
+
+def test_the_suggestion_lists_uncertainty_pass_is_a_job_too(phantom, tmp_path):
+    model = run(_jobs.iter_job(_job(phantom, tmp_path, uncertainty=False, out_dir=False), _jobs.JobControl())).model
+    phases = []
+    result = run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), _jobs.JobControl(), model),
+                 lambda p: phases.append(p.phase))
+    assert set(phases) == {"uncertainty"}
+    np.testing.assert_allclose(np.asarray(result.uncertainty), uncertainty_volume(model, phantom.image),
+                               rtol=1e-4, atol=1e-5)
+    control = _jobs.JobControl()
+    control.cancel.set()
+    assert run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), control, model)) is None
+    with pytest.raises(InputError, match="needs a model"):
+        run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), _jobs.JobControl(), None))

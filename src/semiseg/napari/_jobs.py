@@ -1,7 +1,8 @@
 """Every job of the Train dock, in a worker thread or a spawned process.
 
 No Qt here. A job is a picklable record (:class:`TrainJob`: training + whole-volume prediction
-+ the suggestion list's uncertainty pass; :class:`SampleJob`: tumour samples of one slice) and
++ the suggestion list's uncertainty pass; :class:`SampleJob`: tumour samples of one slice;
+:class:`UncertaintyJob`: the suggestion list's Refresh) and
 :func:`iter_job` turns it into a generator of :class:`~semiseg.engine.Progress` (``phase=
 "train"``, then ``"predict"``, then ``"uncertainty"``) that returns its result
 (:class:`JobResult`, :class:`SampleResult`). The session (:mod:`._session`) hands that
@@ -59,6 +60,7 @@ __all__ = [
     "SampleJob",
     "SampleResult",
     "TrainJob",
+    "UncertaintyJob",
     "iter_job",
     "iter_job_process",
     "open_outputs",
@@ -188,6 +190,21 @@ class SampleResult:
     index: int
 
 
+@dataclasses.dataclass
+class UncertaintyJob:
+    """The suggestion list's uncertainty pass on its own (its Refresh; picklable).
+
+    Attributes
+    ----------
+    image : (C, Z, Y, X) or (Z, Y, X) array-like
+    tta : bool
+        Test-time augmentation.
+    """
+
+    image: Any
+    tta: bool = False
+
+
 class JobControl:
     """Stop / cancel flags and the preview slice getter shared with a running job."""
 
@@ -201,9 +218,14 @@ class JobControl:
 def iter_job(job, control: JobControl, model: Model | None = None) -> Generator[Progress, None, Any]:
     """The generator of ``job``: a :class:`TrainJob` trains (continuing ``model`` when given),
     then predicts the volume and returns a :class:`JobResult`; a :class:`SampleJob` returns a
-    :class:`SampleResult`."""
+    :class:`SampleResult`; an :class:`UncertaintyJob` an
+    :class:`~semiseg.suggest.UncertaintyResult` (None once cancelled)."""
     if isinstance(job, SampleJob):
         return (yield from _iter_sample(job, model))
+    if isinstance(job, UncertaintyJob):
+        if model is None:
+            raise InputError("the uncertainty pass needs a model: train one or load a model file")
+        return (yield from _cancellable(iter_uncertainty(model, job.image, tta=job.tta), control))
     config = copy.copy(job.config)
     stopped = False
     run = run_error = None
