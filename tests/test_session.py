@@ -292,3 +292,25 @@ def test_events_and_runners():
     assert calls == [("y", 1), ("y", 2), ("r", "r"), "f"]
     with pytest.raises(ValueError, match="backend"):
         Session(backend="gpu")
+
+
+def test_process_backend_same_events_and_its_job_folder_is_removed(tmp_path, tiny_phantom):
+    import time
+
+    pool = _jobs.ProcessPool(threads=1, nice=0)
+    session = Session(backend="process", runs_dir=tmp_path / "runs", pool=pool)
+    try:
+        seen = _record(session)
+        running = session.train(_job(tiny_phantom), "scan")
+        assert running.out_dir and not running.lazy  # the model and outputs travel through it
+        names = [n for n, _ in seen]
+        assert names[0] == "started" and names[-2:] == ["done", "finished"] and "error" not in names
+        done = seen[names.index("done")][1]
+        assert isinstance(done.outputs["mask"], np.ndarray) and session.lazy_dirs == []
+        assert done.result.run is not None and session.model.history[-1]["steps"] == 2
+        deadline = time.monotonic() + 30
+        while os.path.isdir(running.out_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.isdir(running.out_dir)  # outputs were loaded: the folder is gone
+    finally:
+        session.shutdown()
