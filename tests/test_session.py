@@ -1,5 +1,7 @@
 """The Train dock's session without a display: start, progress, stop, cancel, error, continue,
-rollback, lazy outputs and sampling (no Qt, no napari: runs with ``-p no:xvfb``)."""
+rollback, lazy outputs and sampling; and the form's decisions (:mod:`semiseg.napari._settings`:
+settings -> job, layer choices, button states, status lines). No Qt, no napari: runs with
+``-p no:xvfb``."""
 
 from __future__ import annotations
 
@@ -14,7 +16,22 @@ import pytest
 import semiseg
 from semiseg import InputError, ModelFileError, PredictionError, TrainConfig, TrainingError
 from semiseg.napari import _jobs
-from semiseg.napari._session import Event, Session, error_title, is_lazy, run_inline
+from semiseg.napari._session import Event, Running, Session, error_title, is_lazy, run_inline
+from semiseg.napari._settings import (
+    LayerChoices,
+    TrainSettings,
+    button_states,
+    checked_images,
+    error_text,
+    export_format,
+    layer_choices,
+    make_job,
+    method_summary,
+    slice_count,
+    slice_span,
+    start_text,
+    suggestion_feed,
+)
 
 from ._util import TINY_PARAMS, array_hash
 
@@ -314,3 +331,132 @@ def test_process_backend_same_events_and_its_job_folder_is_removed(tmp_path, tin
         assert not os.path.isdir(running.out_dir)  # outputs were loaded: the folder is gone
     finally:
         session.shutdown()
+
+
+# ---------------------------------------------------------------------- the form's decisions
+def test_importing_the_settings_loads_no_qt_or_napari():
+    code = (
+        "import sys, semiseg.napari._settings; "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt', 'vispy')); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_settings_make_the_job_and_never_hand_over_the_labels(tiny_phantom):
+    s = tiny_phantom
+    settings = TrainSettings(images=("scan",), labels="scan labels", method="mean-teacher",
+                             params={"features": (8, 16)}, steps=7, minutes=0.0, batch_size=3,
+                             crop=48, seed=5, device="cpu", tta=True)
+    image, labels = s.image[None], s.labels.copy()
+    job = make_job(settings, image, labels, s.tags, train=True, preview_every=0.5)
+    assert job.config == TrainConfig(steps=7, minutes=None, batch_size=3, crop=48, seed=5, preview_every=0.5)
+    assert (job.method, job.device, job.train, job.uncertainty, job.tta) == ("mean-teacher", "cpu", True, True, True)
+    assert job.params == {"features": (8, 16)} and job.params is not settings.params
+    assert job.image is image and job.tags is s.tags
+    assert job.labels is not labels and np.array_equal(job.labels, labels)
+    job.labels[:] = 9  # the job's copy, not the layer's data
+    assert array_hash(labels) == array_hash(s.labels)
+    assert make_job(dataclasses.replace(settings, minutes=2.5), image, labels, None, train=True).config.minutes == 2.5
+    # Without labels: prediction only, on empty labels, no tags and no uncertainty pass.
+    with pytest.raises(InputError, match="labels layer"):
+        make_job(settings, image, None, None, train=True)
+    job = make_job(settings, image, None, s.tags, train=False)
+    assert job.labels.shape == s.labels.shape and not job.labels.any() and job.labels.dtype == np.uint8
+    assert job.tags is None and not job.uncertainty and not job.train
+
+
+class _Layer:
+    def __init__(self, name, data=None, metadata=None):
+        self.name, self.data, self.metadata = name, data, metadata or {}
+        self.ndim = 0 if data is None else data.ndim
+
+
+class _Image(_Layer):
+    pass
+
+
+class _Labels(_Layer):
+    pass
+
+
+def test_layer_choices_offer_no_overlays_as_inputs():
+    layers = [_Image("scan"), _Labels("scan labels"), _Image("scan probability"), _Labels("scan prediction"),
+              _Labels("drawn", metadata={"semiseg_overlay": True}), _Image("t2"), _Layer("points")]
+    choices = layer_choices(layers, _Image, _Labels)
+    assert choices.images == ["scan", "t2"]
+    assert choices.labels == ["scan labels"]
+    assert choices.export == ["scan labels", "scan prediction", "drawn"]  # overlays can be exported
+    assert layer_choices([], _Image, _Labels) == LayerChoices([], [], [])
+
+
+def test_checked_images_keep_the_choice_or_check_the_first():
+    assert checked_images(["a", "b", "c"], []) == [True, False, False]
+    assert checked_images(["a", "b", "c"], ["c", "b"]) == [False, True, True]
+    assert checked_images(["a", "b"], ["gone"]) == [False, False]  # a removed choice checks nothing new
+    assert checked_images([], ["a"]) == []
+
+
+def test_slices_and_export_format():
+    assert slice_count(_Layer("v", np.zeros((2, 7, 5, 4)))) == 7  # (C, Z, Y, X): Z is axis -3
+    assert slice_count(_Layer("v", np.zeros((5, 4)))) == 1
+    assert slice_span(None, None, 3) == (3, 3)
+    assert slice_span(6, 2, 0) == (2, 6) and slice_span(4, None, 0) == (4, 4)
+    assert [export_format(p) for p in ("m.zarr", "m.TIF", "a/b.tiff")] == ["zarr", "tiff", "tiff"]
+    with pytest.raises(InputError, match="export to a"):
+        export_format("m.png")
+
+
+def test_button_states_follow_busy_model_and_runs(tiny_model):
+    idle = button_states(busy=False, model=None, n_runs=0)
+    assert idle == {"train_button": True, "predict_button": False, "stop_button": False, "sample_button": False,
+                    "save_button": False, "load_button": True, "rollback_button": False,
+                    "continue_check": False, "sample_row": True}
+    trained = button_states(busy=False, model=tiny_model, n_runs=2)
+    assert trained["predict_button"] and trained["save_button"] and trained["rollback_button"]
+    assert trained["continue_check"] and not trained["sample_button"] and not trained["sample_row"]
+    busy = button_states(busy=True, model=tiny_model, n_runs=2)
+    assert busy["stop_button"] and busy["save_button"]
+    assert not any(busy[k] for k in ("train_button", "predict_button", "load_button", "rollback_button"))
+
+
+class _Sampler:
+    class method:  # stands in for a model's method
+        can_sample = True
+
+
+def test_button_states_of_a_model_that_can_sample():
+    assert button_states(busy=False, model=_Sampler, n_runs=0)["sample_button"]
+    assert button_states(busy=False, model=_Sampler, n_runs=0)["sample_row"]
+    assert not button_states(busy=True, model=_Sampler, n_runs=0)["sample_button"]
+
+
+def test_status_lines_and_method_summary():
+    job = _jobs.SampleJob(image=np.zeros((1, 1, 4, 4)), index=0, n=3, device="cpu")
+    assert start_text(Running("sample", job, _jobs.JobControl(), "scan", None, sample_index=6), "thread") == (
+        "Sampling 3 tumours on slice 6..."
+    )
+    assert start_text(Running("train", None, _jobs.JobControl(), "scan", None), "process") == (
+        "Starting training (worker process)"
+    )
+    assert start_text(Running("predict", None, _jobs.JobControl(), "scan", None), "thread") == (
+        "Starting prediction (worker thread)"
+    )
+    assert error_text(TrainingError("nan loss"), has_model=False) == "Training failed: nan loss"
+    assert error_text(ValueError("x"), has_model=True) == "Error: x (the previous model is kept)"
+    translation = semiseg.get_method("translation")
+    text = method_summary(translation)
+    assert text.startswith(translation.summary) and "uses weak tags" in text and "can sample tumours" in text
+    assert method_summary(semiseg.get_method("supervised")) == semiseg.get_method("supervised").summary
+
+
+def test_suggestion_feed_skips_stale_results(session, tiny_phantom):
+    session.train(_job(tiny_phantom, uncertainty=True), "scan")
+    result = session.last_result
+    assert suggestion_feed(result, session.model, "scan", ["scan", "scan labels"]) == "result"
+    no_pass = dataclasses.replace(result, uncertainty=None)
+    assert suggestion_feed(no_pass, session.model, "scan", ["scan"]) == "model"
+    assert suggestion_feed(result, session.model, "scan", ["other"]) is None  # the image layer is gone
+    assert suggestion_feed(result, object(), "scan", ["scan"]) is None  # a newer model
