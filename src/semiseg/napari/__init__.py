@@ -16,10 +16,14 @@ _jobs
 _session
     The Train dock's state and decisions: model, running job, outputs, run store,
     stop/cancel, plain events (no Qt; the widget's runner is napari's ``thread_worker``).
+_settings
+    What the Train form means: settings -> job, layer choices, button states (no Qt).
 _display
     Staged layer display, throttled progress, overlay layers (Qt).
+_train_form
+    The Train dock's widgets, laid out and read into settings (Qt).
 _tags, _train, _suggest, _autosave, _lossplot, _params, _combo
-    Widgets (``_train`` is layout and wiring around a session).
+    Widgets (``_train`` is wiring between its form, a session and the display).
 """
 
 #: Key of the weak tags in a labels layer's ``metadata``: ``(n_slices,)`` int8 array of
