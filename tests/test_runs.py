@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,19 @@ def test_run_info_describes_a_stored_run_and_refuses_other_files(data):
         run_info(bad)
     with pytest.raises(ModelFileError):
         run_info(data / "missing.pt")
+
+
+def test_plugin_store_is_a_folder_without_a_model_path(tmp_path, monkeypatch, tiny_model):
+    from semiseg.runs import plugin_runs_dir
+
+    monkeypatch.setenv("SEMISEG_RUNS_DIR", str(tmp_path / "store"))
+    folder = plugin_runs_dir()
+    assert folder == tmp_path / "store"
+    monkeypatch.delenv("SEMISEG_RUNS_DIR")
+    assert plugin_runs_dir() == Path.home() / ".napari-semiseg" / "runs"
+    assert list_runs(None, folder) == []
+    info = save_run(tiny_model, None, folder)
+    assert info.path.parent == folder and not (folder / "model.pt").exists()
+    assert [r.path for r in list_runs(None, folder)] == [info.path]
+    with pytest.raises(ValueError, match="model path or a runs folder"):
+        list_runs(None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -27,7 +28,10 @@ from .errors import InputError
 from .io import atomic_path
 from .model import Model, ModelFileError
 
-__all__ = ["RunInfo", "default_runs_dir", "find_run", "list_runs", "rollback", "save_run"]
+__all__ = ["RunInfo", "default_runs_dir", "find_run", "list_runs", "plugin_runs_dir", "rollback", "save_run"]
+
+#: Environment variable that moves the napari plugin's run store (:func:`plugin_runs_dir`).
+RUNS_DIR_ENV = "SEMISEG_RUNS_DIR"
 
 _ID_RE = re.compile(r"^\d{8}-\d{6}\.\d{3}-")
 
@@ -75,13 +79,26 @@ def default_runs_dir(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name + ".runs")
 
 
+def plugin_runs_dir() -> Path:
+    """The napari plugin's run store: ``$SEMISEG_RUNS_DIR`` or ``~/.napari-semiseg/runs``.
+
+    The plugin has no output model file; its runs are kept in this folder alone (pass it as
+    ``runs_dir`` with ``model_path=None``).
+    """
+    return Path(os.environ.get(RUNS_DIR_ENV) or Path.home() / ".napari-semiseg" / "runs")
+
+
 def _runs_dir(model_path, runs_dir) -> Path:
-    return Path(runs_dir) if runs_dir is not None else default_runs_dir(model_path)
+    if runs_dir is not None:
+        return Path(runs_dir)
+    if model_path is None:
+        raise ValueError("a run store needs a model path or a runs folder")
+    return default_runs_dir(model_path)
 
 
 def save_run(
     model: Model | None,
-    model_path: str | Path,
+    model_path: str | Path | None,
     runs_dir: str | Path | None = None,
     *,
     copy_of: str | Path | None = None,
@@ -92,8 +109,9 @@ def save_run(
     ----------
     model : Model or None
         The model to keep; None with ``copy_of``.
-    model_path : str or Path
-        The output model the run belongs to (names the default store).
+    model_path : str or Path or None
+        The output model the run belongs to (names the default store); None for a store
+        without a model file (``runs_dir`` then names it, e.g. :func:`plugin_runs_dir`).
     runs_dir : str or Path, optional
         Store folder; created when missing. Default ``<model>.runs``.
     copy_of : str or Path, optional
@@ -168,8 +186,9 @@ def _info(path: Path, cfg: dict) -> RunInfo:
     )
 
 
-def list_runs(model_path: str | Path, runs_dir: str | Path | None = None) -> list[RunInfo]:
-    """Stored runs of ``model_path``, oldest first; unreadable files are skipped."""
+def list_runs(model_path: str | Path | None, runs_dir: str | Path | None = None) -> list[RunInfo]:
+    """Stored runs of ``model_path`` (None: of the folder ``runs_dir``), oldest first;
+    unreadable files are skipped."""
     folder = _runs_dir(model_path, runs_dir)
     if not folder.is_dir():
         return []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tests._util import TINY_PARAMS
 
+from semiseg import InputError, ModelFileError, PredictionError, TrainingError
 from semiseg.engine import TrainConfig, run
 from semiseg.napari import _jobs
 from semiseg.suggest import uncertainty_volume
@@ -76,3 +79,65 @@ def test_cancel_during_prediction_keeps_the_model_and_drops_outputs(phantom, tmp
     assert result.outputs is None and result.uncertainty is None
     assert result.model.history[-1]["steps"] == 2  # the trained model is still returned
     assert "uncertainty" not in seen
+
+
+def test_sampling_runs_as_a_job_in_either_backend(phantom, tmp_path):
+    """Tumour sampling goes through the same job machinery as training (thread and process)."""
+    from semiseg import sample_tumours
+
+    params = {**TINY_PARAMS, "unique_channels": 4, "disc_features": (8, 16), "disc_scales": 1}
+    job = dataclasses.replace(_job(phantom, tmp_path, uncertainty=False, out_dir=False), method="translation",
+                              params=params, predict=False)
+    model = run(_jobs.iter_job(job, _jobs.JobControl())).model
+    image = phantom.image[None]
+    expected = sample_tumours(model, image, 3, 2)
+    thread = run(_jobs.iter_job(_jobs.SampleJob(image=image, index=3, n=2), _jobs.JobControl(), model))
+    assert thread.index == 3
+    np.testing.assert_array_equal(thread.samples, expected)
+    with pytest.raises(InputError, match="sampling needs a model"):
+        run(_jobs.iter_job(_jobs.SampleJob(image=image, index=3, n=2), _jobs.JobControl(), None))
+    out = tmp_path / "sample-job"
+    out.mkdir()
+    pool = _jobs.ProcessPool(threads=1, nice=0)
+    try:
+        job = _jobs.SampleJob(image=image[:, 3:4], index=0, n=2, out_dir=str(out))
+        proc = run(_jobs.iter_job_process(job, _jobs.JobControl(), model, pool=pool))  # only the slice travels
+    finally:
+        pool.shutdown()
+    np.testing.assert_allclose(proc.samples, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls"),
+    [
+        (PredictionError("p"), PredictionError),
+        (TrainingError("t"), TrainingError),
+        (ModelFileError("m"), ModelFileError),
+        (InputError("i"), InputError),
+        (ValueError("v"), InputError),
+        (KeyError("k"), InputError),
+    ],
+)
+def test_worker_errors_cross_the_process_boundary_as_their_class(exc, cls):
+    back = _jobs._error_from(_jobs._error_kind(exc), str(exc))
+    assert type(back) is cls and str(exc) in str(back)
+
+
+def test_unknown_worker_errors_become_training_errors_naming_their_class():
+    back = _jobs._error_from(_jobs._error_kind(ZeroDivisionError("z")), "z")
+    assert type(back) is TrainingError and str(back) == "ZeroDivisionError: z"
+
+
+def test_the_suggestion_lists_uncertainty_pass_is_a_job_too(phantom, tmp_path):
+    model = run(_jobs.iter_job(_job(phantom, tmp_path, uncertainty=False, out_dir=False), _jobs.JobControl())).model
+    phases = []
+    result = run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), _jobs.JobControl(), model),
+                 lambda p: phases.append(p.phase))
+    assert set(phases) == {"uncertainty"}
+    np.testing.assert_allclose(np.asarray(result.uncertainty), uncertainty_volume(model, phantom.image),
+                               rtol=1e-4, atol=1e-5)
+    control = _jobs.JobControl()
+    control.cancel.set()
+    assert run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), control, model)) is None
+    with pytest.raises(InputError, match="needs a model"):
+        run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), _jobs.JobControl(), None))

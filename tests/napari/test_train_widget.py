@@ -292,3 +292,68 @@ def test_long_layer_names_and_run_descriptions_do_not_widen_the_docks(make_train
     assert after == before and max(after) < 600, (before, after)
     assert w.labels_combo.toolTip() == long_name  # the whole name, where the box cuts it
     assert "training runs kept in" in w.runs_combo.toolTip()
+
+
+def test_prediction_and_model_file_errors_show_their_own_titles(qtbot, make_train_widget, run_and_wait, sample_viewer, tmp_path, monkeypatch):
+    """Errors are titled by class (isinstance), not by name: subclasses keep their own title."""
+    from napari.utils.notifications import notification_manager
+
+    from semiseg import ModelFileError, PredictionError
+    from semiseg.napari import _jobs
+
+    w = make_train_widget(sample_viewer, steps=2)
+    n = len(notification_manager.records)
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a model")
+    w.runs_combo.addItem("broken run", str(bad))
+    w._update_buttons()
+    w.rollback_button.click()
+    assert isinstance(w.last_error, ModelFileError) and w.model is None
+    assert w.status.text().startswith("Cannot load the model: ")
+
+    def failing_prediction(*args, **kwargs):
+        raise PredictionError("not enough memory to read slices 0..7")
+        yield
+
+    monkeypatch.setattr(_jobs, "iter_predict_volume", failing_prediction)
+    run_and_wait(qtbot, w)
+    assert isinstance(w.last_error, PredictionError)
+    assert w.status.text().startswith("Prediction failed: not enough memory")
+    shown = [str(r.message) for r in notification_manager.records[n:]]
+    assert any(m.startswith("Cannot load the model: ") for m in shown)
+    assert any(m.startswith("Prediction failed: ") for m in shown)
+
+
+def test_form_reads_into_settings_and_layer_changes_keep_the_choice(make_napari_viewer, phantom):
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer()
+    viewer.add_image(phantom.image, name="phantom")
+    viewer.add_image(phantom.image * 2, name="t2")
+    viewer.add_labels(phantom.labels.copy(), name="phantom labels")
+    w = TrainWidget(viewer, backend="thread", prewarm=False)
+    try:
+        # The form's widgets are the dock's attributes (tests and scripts set them directly).
+        assert w.steps_spin is w.form.steps_spin and w.suggestions is w.form.suggestions
+        assert w.image_names() == ["phantom"]  # the first image is checked by default
+        w.steps_spin.setValue(11)
+        w.minutes_spin.setValue(1.5)
+        w.device_combo.setCurrentText("cpu")
+        w.continue_check.setChecked(False)
+        w.image_list.item(1).setCheckState(Qt.CheckState.Checked)
+        s = w.form.settings()
+        assert (s.images, s.labels, s.steps, s.minutes, s.device) == (("phantom", "t2"), "phantom labels", 11, 1.5, "cpu")
+        assert not s.continue_model and s.method == w.method_combo.currentText()
+        # A new layer (an overlay here) changes nothing checked and is never offered as input.
+        viewer.add_image(np.zeros_like(phantom.image), name="phantom probability")
+        viewer.add_labels(np.zeros_like(phantom.labels), name="phantom prediction")
+        assert w.image_names() == ["phantom", "t2"] and w.image_list.count() == 2
+        assert [w.labels_combo.itemText(i) for i in range(w.labels_combo.count())] == ["phantom labels"]
+        assert w.export_combo.findText("phantom prediction") >= 0  # overlays can be exported
+        assert w.range_to.maximum() == phantom.image.shape[0] - 1
+        job = w._make_job(train=True)
+        assert job.image.shape == (2, *phantom.image.shape) and job.config.steps == 11
+        assert job.config.minutes == 1.5 and job.uncertainty
+        assert job.labels is not viewer.layers["phantom labels"].data
+    finally:
+        w.shutdown()

@@ -14,10 +14,19 @@ _planes
     Records the plane (axis, index) of every painted slice in a labels layer's metadata
     (no Qt).
 _jobs
-    Training + whole-volume prediction jobs, run in a worker thread or a spawned process
-    (no Qt; the widget wraps the generator with ``thread_worker``).
-_tags, _train, _lossplot, _params
-    Widgets.
+    Every job of the Train dock (training + whole-volume prediction + uncertainty, tumour
+    sampling) as a generator, run in a worker thread or a spawned process (no Qt).
+_session
+    The Train dock's state and decisions: model, running job, outputs, run store,
+    stop/cancel, plain events (no Qt; the widget's runner is napari's ``thread_worker``).
+_settings
+    What the Train form means: settings -> job, layer choices, button states (no Qt).
+_display
+    Staged layer display, throttled progress, overlay layers (Qt).
+_train_form
+    The Train dock's widgets, laid out and read into settings (Qt).
+_tags, _train, _suggest, _autosave, _lossplot, _params, _combo
+    Widgets (``_train`` is wiring between its form, a session and the display).
 """
 
 #: Key of the weak tags in a labels layer's ``metadata``: ``(n_slices,)`` int8 array of

@@ -1,8 +1,13 @@
-"""Training + whole-volume prediction as one job, in a worker thread or a spawned process.
+"""Every job of the Train dock, in a worker thread or a spawned process.
 
-No Qt here. A job is a generator of :class:`~semiseg.engine.Progress` (``phase="train"``, then
-``phase="predict"``) that returns a :class:`JobResult`; the Train widget wraps it with napari's
-``thread_worker``. Two backends drive the *same* generator, :func:`iter_job`:
+No Qt here. A job is a picklable record (:class:`TrainJob`: training + whole-volume prediction
++ the suggestion list's uncertainty pass; :class:`SampleJob`: tumour samples of one slice;
+:class:`UncertaintyJob`: the suggestion list's Refresh) and
+:func:`iter_job` turns it into a generator of :class:`~semiseg.engine.Progress` (``phase=
+"train"``, then ``"predict"``, then ``"uncertainty"``) that returns its result
+(:class:`JobResult`, :class:`SampleResult`). The session (:mod:`._session`) hands that
+generator to a runner (napari's ``thread_worker`` in the widget). Two backends drive the *same*
+generator:
 
 ``"process"`` (default)
     :func:`iter_job_process` hands the job to a spawned Python process (torch limited to
@@ -37,10 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data import InputError
-from ..engine import Progress, TrainConfig, TrainingError, iter_train
+from .. import InputError, Model, ModelFileError, PredictionError, TrainingError
+from ..engine import Progress, TrainConfig, iter_train
 from ..inference import iter_predict_volume
-from ..model import Model, ModelFileError
 from ..runs import RunInfo, run_info, save_run
 from ..suggest import UncertaintyResult, iter_uncertainty
 
@@ -53,7 +57,10 @@ __all__ = [
     "JobControl",
     "JobResult",
     "ProcessPool",
+    "SampleJob",
+    "SampleResult",
     "TrainJob",
+    "UncertaintyJob",
     "iter_job",
     "iter_job_process",
     "open_outputs",
@@ -148,6 +155,60 @@ class JobResult:
     run_error: str | None = None
 
 
+@dataclasses.dataclass
+class SampleJob:
+    """Tumour samples of one slice (picklable): absence->presence translations.
+
+    Attributes
+    ----------
+    image : (C, Z, Y, X) array-like
+        The model's input; only slice ``index`` (along the model's axis) is read.
+    index : int
+    n : int
+        Number of samples.
+    device : str
+        Where the process backend loads the model (the thread backend uses it as it is).
+    out_dir : str or None
+        Folder the model file travels through (process backend).
+    """
+
+    image: Any
+    index: int
+    n: int = 4
+    device: str = "cpu"
+    out_dir: str | None = None
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """What a finished :class:`SampleJob` hands back.
+
+    Attributes
+    ----------
+    samples : (n, [C,] Y, X) float ndarray
+    index : int
+        The slice they were drawn on.
+    """
+
+    samples: np.ndarray
+    index: int
+
+
+@dataclasses.dataclass
+class UncertaintyJob:
+    """The suggestion list's uncertainty pass on its own (its Refresh; picklable).
+
+    Attributes
+    ----------
+    image : (C, Z, Y, X) or (Z, Y, X) array-like
+    tta : bool
+        Test-time augmentation.
+    """
+
+    image: Any
+    tta: bool = False
+
+
 class JobControl:
     """Stop / cancel flags and the preview slice getter shared with a running job."""
 
@@ -158,8 +219,17 @@ class JobControl:
 
 
 # ----------------------------------------------------------------------------- the job
-def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> Generator[Progress, None, JobResult]:
-    """Train (continuing ``model`` when given), then predict the volume; yields Progress."""
+def iter_job(job, control: JobControl, model: Model | None = None) -> Generator[Progress, None, Any]:
+    """The generator of ``job``: a :class:`TrainJob` trains (continuing ``model`` when given),
+    then predicts the volume and returns a :class:`JobResult`; a :class:`SampleJob` returns a
+    :class:`SampleResult`; an :class:`UncertaintyJob` an
+    :class:`~semiseg.suggest.UncertaintyResult` (None once cancelled)."""
+    if isinstance(job, SampleJob):
+        return (yield from _iter_sample(job, model))
+    if isinstance(job, UncertaintyJob):
+        if model is None:
+            raise InputError("the uncertainty pass needs a model: train one or load a model file")
+        return (yield from _cancellable(iter_uncertainty(model, job.image, tta=job.tta), control))
     config = copy.copy(job.config)
     stopped = False
     run = run_error = None
@@ -186,12 +256,21 @@ def iter_job(job: TrainJob, control: JobControl, model: Model | None = None) -> 
     return JobResult(model, outputs, stopped, device, job.out_dir, unc, run, run_error)
 
 
+def _iter_sample(job: SampleJob, model: Model | None):
+    from ..inference import sample_tumours
+
+    if model is None:
+        raise InputError("sampling needs a model: train one or load a model file")
+    yield from ()  # no progress: one quick pass
+    return SampleResult(sample_tumours(model, job.image, job.index, job.n), job.index)
+
+
 def _keep_run(job: TrainJob, model: Model):
     """Save the trained model as a run of ``job.runs_dir``: (RunInfo, None) or (None, error)."""
     if not job.runs_dir or not model.history:
         return None, None
     try:
-        return save_run(model, Path(job.runs_dir) / "model.pt", job.runs_dir), None
+        return save_run(model, None, job.runs_dir), None
     except (InputError, OSError) as exc:
         return None, str(exc)
 
@@ -380,13 +459,13 @@ class ProcessPool:
 
 
 def iter_job_process(
-    job: TrainJob,
+    job,
     control: JobControl,
     model: Model | None = None,
     *,
     pool: ProcessPool | None = None,
     load_outputs: bool = True,
-) -> Generator[Progress, None, JobResult]:
+) -> Generator[Progress, None, Any]:
     """Run :func:`iter_job` in a spawned process; same records and result as the thread backend.
 
     ``job.out_dir`` must be set (outputs and model files travel through it). Outputs come back
@@ -419,30 +498,66 @@ def iter_job_process(
             if kind == "progress":
                 yield msg[1]
             elif kind == "error":
-                _, name, text = msg
-                if name == "TrainingError":
-                    raise TrainingError(text)
-                if name in ("InputError", "ModelFileError", "ValueError", "KeyError"):
-                    raise InputError(text)
-                raise TrainingError(f"{name}: {text}")
+                raise _error_from(msg[1], msg[2])
             elif kind == "done":
-                _, model_path, stopped, device, predicted, unc, run_path, run_error = msg
-                t0 = time.perf_counter()
-                trained = Model.load(model_path, device="cpu")
-                log.debug("model loaded in %.2f s", time.perf_counter() - t0)
-                outputs = open_outputs(str(out_dir), load=load_outputs) if predicted else None
-                if unc is not None:
-                    unc = open_uncertainty(str(out_dir), *unc, load=load_outputs)
-                run = None
-                if run_path:
-                    try:
-                        run = run_info(run_path)
-                    except ModelFileError as exc:
-                        run_error = str(exc)
-                return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc,
-                                 run, run_error)
+                return _unpack(job, msg[1], out_dir, load_outputs)
     finally:
         h.close()
+
+
+#: Errors that cross the process boundary as themselves (first match wins: subclasses first).
+_RELAYED = (PredictionError, TrainingError, ModelFileError, InputError)
+
+
+def _error_kind(exc: BaseException) -> str:
+    """The name an error travels under: a class of :data:`_RELAYED` (by ``isinstance``),
+    ``"InputError"`` for other ValueError/KeyError, else the class's own name."""
+    for cls in _RELAYED:
+        if isinstance(exc, cls):
+            return cls.__name__
+    if isinstance(exc, (ValueError, KeyError)):
+        return InputError.__name__
+    return type(exc).__name__
+
+
+def _error_from(kind: str, text: str) -> Exception:
+    """The error the viewer raises for a worker's ``(kind, text)``; unknown kinds become a
+    TrainingError naming the original class."""
+    for cls in _RELAYED:
+        if kind == cls.__name__:
+            return cls(text)
+    return TrainingError(f"{kind}: {text}")
+
+
+def _pack(job, result, out_dir: Path):
+    """The worker's side of a finished job: small, picklable parts (arrays stay in zarr)."""
+    if isinstance(job, SampleJob):
+        return result
+    path = result.model.save(out_dir / "model.pt")
+    unc = result.uncertainty
+    unc = None if unc is None else (unc.mass, unc.axis, unc.peak, unc.descriptors)
+    run_path = str(result.run.path) if result.run is not None else None
+    return (str(path), result.stopped, result.device, result.outputs is not None, unc, run_path, result.run_error)
+
+
+def _unpack(job, payload, out_dir: Path, load_outputs: bool):
+    """The viewer's side: the job's result, read back from ``payload`` and ``out_dir``."""
+    if isinstance(job, SampleJob):
+        return payload
+    model_path, stopped, device, predicted, unc, run_path, run_error = payload
+    t0 = time.perf_counter()
+    trained = Model.load(model_path, device="cpu")
+    log.debug("model loaded in %.2f s", time.perf_counter() - t0)
+    outputs = open_outputs(str(out_dir), load=load_outputs) if predicted else None
+    if unc is not None:
+        unc = open_uncertainty(str(out_dir), *unc, load=load_outputs)
+    run = None
+    if run_path:
+        try:
+            run = run_info(run_path)
+        except ModelFileError as exc:
+            run_error = str(exc)
+    return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc, run, run_error)
 
 
 def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int = 0) -> None:
@@ -473,15 +588,10 @@ def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int =
         control.stop_training = stop_training
         control.cancel = cancel
         result = run(iter_job(job, control, model), lambda p: msgs.put(("progress", p)))
-        path = result.model.save(Path(job.out_dir) / "model.pt")
-        unc = result.uncertainty
-        # Small parts travel in the message; the map itself stays in the zarr group.
-        unc = None if unc is None else (unc.mass, unc.axis, unc.peak, unc.descriptors)
-        run_path = str(result.run.path) if result.run is not None else None
-        msgs.put(("done", str(path), result.stopped, result.device, result.outputs is not None, unc,
-                  run_path, result.run_error))
+        # Small parts travel in the message; arrays and the model stay in the job's folder.
+        msgs.put(("done", _pack(job, result, Path(job.out_dir))))
     except BaseException as exc:  # reported to the viewer, never lost
-        msgs.put(("error", type(exc).__name__, str(exc) or repr(exc)))
+        msgs.put(("error", _error_kind(exc), str(exc) or repr(exc)))
     finally:
         model = None
         gc.collect()

@@ -78,3 +78,48 @@ def upsert(viewer, name: str, data, layer_type: str, *, like=None, **kwargs):
     meta["semiseg_overlay"] = True
     add = getattr(viewer, f"add_{layer_type}")
     return add(data, name=name, metadata=meta, **kwargs)
+
+
+def stack_channels(layers):
+    """Image layers as the channels of one ``(C, Z, Y, X)`` input (lazy data stays lazy).
+
+    Raises
+    ------
+    InputError
+        Without layers, for RGB layers and for channels that differ in shape.
+    """
+    from ..data import InputError
+
+    if not layers:
+        raise InputError("choose at least one image layer")
+    datas = []
+    for layer in layers:
+        data = layer.data[0] if layer.multiscale else layer.data
+        if getattr(layer, "rgb", False):
+            raise InputError(f"{layer.name} is an RGB image; split it into channels first")
+        datas.append(data)
+    shapes = {tuple(d.shape) for d in datas}
+    if len(shapes) > 1:
+        raise InputError(f"channel layers differ in shape: {sorted(shapes)}")
+    if all(isinstance(d, np.ndarray) for d in datas):
+        return datas[0][None] if len(datas) == 1 else np.stack(datas)
+    import dask.array as da
+
+    return da.stack([d if hasattr(d, "dask") else da.from_array(d, chunks=(1, *d.shape[-2:])) for d in datas])
+
+
+def copy_prediction_slices(labels_layer, prediction_layer, start: int, stop: int) -> int:
+    """Copy slices ``start..stop`` (inclusive) of the prediction into the labels layer as one
+    undoable edit (``Labels.data_setitem``; Ctrl+Z reverts it). Returns the pixels changed."""
+    labels, pred = labels_layer, prediction_layer
+    changed = 0
+    with labels.block_history():
+        for i in range(start, stop + 1):
+            new = np.asarray(pred.data[i]).astype(labels.data.dtype)
+            diff = np.nonzero(np.asarray(labels.data[i]) != new)
+            if diff[0].size == 0:
+                continue
+            idx = (np.full(diff[0].size, i), *diff)
+            labels.data_setitem(idx, new[diff])
+            changed += diff[0].size
+    return changed

@@ -1,7 +1,8 @@
 """Suggestion list widget: which slice to label next, computed from a trained model.
 
 :class:`SuggestionList` is embedded by the Train widget (or docked on its own): after training,
-``set_model(model, image_layer, labels_layer)`` runs :func:`semiseg.suggest.iter_uncertainty`
+``set_model(model, image_layer, labels_layer)`` runs the uncertainty pass as a job of
+:mod:`._jobs` (:class:`~._jobs.UncertaintyJob`, :func:`semiseg.suggest.iter_uncertainty`)
 in a worker thread, shows ``"<image> uncertainty"`` as an Image layer (updated in place on the
 next run) and lists the best unannotated slices; clicking one moves the viewer there. Painting
 labels or tagging a slice healthy re-ranks at once without recomputing (the model did not
@@ -26,7 +27,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..suggest import Suggestion, UncertaintyResult, iter_uncertainty, suggest_slices
+from ..suggest import Suggestion, UncertaintyResult, suggest_slices
+from . import _jobs
 from ._layers import get_tags, upsert
 
 __all__ = ["SuggestionList"]
@@ -168,8 +170,9 @@ class SuggestionList(QWidget):
         self._stop_worker()
         self._generation += 1
         gen_id = self._generation
+        job = _jobs.UncertaintyJob(_layer_data(self.image_layer), tta=self.tta_check.isChecked())
         worker = create_worker(
-            iter_uncertainty, self.model, _layer_data(self.image_layer), tta=self.tta_check.isChecked(),
+            _jobs.iter_job, job, _jobs.JobControl(), self.model,
             _start_thread=False, _ignore_errors=True,  # errors go to _on_error, not the console
         )
         alive = self._alive

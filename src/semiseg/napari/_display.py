@@ -1,0 +1,234 @@
+"""Showing a job in the viewer: staged layer display, throttled progress, overlay layers.
+
+Qt lives here and in the widgets only. Adding a layer costs napari ~150 ms with software
+rendering, so a finished run is shown as a queue of small GUI steps, one per event-loop turn
+(:class:`StagedDisplay`); progress records are shown at most every ``UI_REFRESH_MS``
+(:class:`ProgressThrottle`). The layer functions add or update the overlays named after the
+image (``"<image> prediction"``, ...) and never touch the user's labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+from qtpy.QtCore import QTimer
+
+from ._layers import upsert
+
+#: Pause between the GUI-thread steps that show a finished run (adding a layer costs napari
+#: ~150 ms with software rendering; one per event-loop turn keeps each freeze short).
+DISPLAY_STEP_MS = 10
+#: Progress bar, status line and loss plot are refreshed together at most this often: with
+#: software rendering every repaint of the window costs ~15-20 ms, whatever changed.
+UI_REFRESH_MS = 500
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No automatic garbage collection inside the block.
+
+    A full collection of a viewer process with napari and torch loaded takes ~200 ms here;
+    if one starts inside a layer insertion (which allocates a lot) the two add up to a visible
+    freeze. Pausing it for the ~100 ms of one display step lets it run in a later turn on its own.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class StagedDisplay:
+    """Runs queued callables on the GUI thread, one per event-loop turn, in order.
+
+    Parameters
+    ----------
+    parent : QObject
+        Owner of the timer.
+    on_error : callable
+        Called with the exception of a step that failed; the later steps still run.
+    step_ms : int
+        Pause between two steps.
+    """
+
+    def __init__(self, parent, on_error: Callable[[Exception], None], step_ms: int = DISPLAY_STEP_MS):
+        self._steps: deque = deque()
+        self._on_error = on_error
+        self._timer = QTimer(parent)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(step_ms)
+        self._timer.timeout.connect(self._next)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._steps)
+
+    def queue(self, *steps: Callable[[], None]) -> None:
+        self._steps.extend(steps)
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def _next(self) -> None:
+        if not self._steps:
+            return
+        step = self._steps.popleft()
+        try:
+            with gc_paused():
+                step()
+        except Exception as exc:  # a layer that cannot be shown must not drop the others
+            self._on_error(exc)
+        if self._steps:
+            self._timer.start()
+
+
+class ProgressThrottle:
+    """Keeps the newest record and shows it at most every ``interval_ms``.
+
+    ``push(p)`` shows the first record at once, later ones when the timer fires; ``flush()``
+    shows the newest pending record now. ``show(p)`` does the drawing; the timer stops once
+    nothing is pending and ``running()`` is False.
+    """
+
+    def __init__(self, parent, show: Callable, running: Callable[[], bool], interval_ms: int = UI_REFRESH_MS):
+        self._show = show
+        self._running = running
+        self._latest = None
+        self._timer = QTimer(parent)
+        self._timer.setInterval(interval_ms)
+        self._timer.timeout.connect(self._tick)
+
+    def push(self, p, *, now: bool = False) -> None:
+        self._latest = p
+        if now:
+            self.flush()
+        elif not self._timer.isActive():
+            self.flush()  # the first record at once, then at most every interval
+            self._timer.start()
+
+    def flush(self) -> None:
+        p, self._latest = self._latest, None
+        if p is not None:
+            self._show(p)
+
+    def _tick(self) -> None:
+        if self._latest is None and not self._running():
+            self._timer.stop()
+            return
+        self.flush()
+
+    def stop(self) -> None:
+        self.flush()
+        self._timer.stop()
+
+
+def show_progress(bar, status, loss_plot, p) -> None:
+    """Show one Progress record: progress bar, status line (training), loss plot repaint."""
+    # QProgressBar.setValue repaints synchronously; with updates disabled it only marks
+    # itself dirty, so everything below is drawn in one paint event.
+    bar.setUpdatesEnabled(False)
+    try:
+        if p.phase != "train":
+            fmt = "uncertainty %v/%m slices" if p.phase == "uncertainty" else "predicting %v/%m slices"
+            if bar.format() != fmt:
+                bar.setFormat(fmt)
+            bar.setRange(0, max(1, p.total or 1))
+            bar.setValue(p.step)
+            return
+        if p.total:
+            bar.setRange(0, p.total)
+        bar.setValue(min(p.step, p.total or p.step))
+    finally:
+        bar.setUpdatesEnabled(True)
+    if p.losses:
+        text = ", ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
+        status.setText(f"step {p.step}/{p.total} · {p.elapsed:.0f} s · {text}")
+    loss_plot.flush()
+
+
+# ----------------------------------------------------------------------------- layers
+def _like(viewer, name):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def show_preview(viewer, image_name: str, preview: np.ndarray, index: int):
+    """The preview of slice ``index`` as the one-slice labels layer ``"<image> preview"``."""
+    layer = upsert(
+        viewer,
+        f"{image_name} preview",
+        np.asarray(preview)[None],
+        "labels",
+        like=_like(viewer, image_name),
+        translate_offset=(index, 0, 0),
+        opacity=0.6,
+    )
+    layer.visible = True
+    return layer
+
+
+def show_samples(viewer, image_name: str, samples: np.ndarray, index: int):
+    """``(n, [C,] Y, X)`` samples as ``"<image> sampled tumours"`` (slider: sample) at slice ``index``."""
+    if samples.ndim == 4 and samples.shape[1] == 1:
+        samples = samples[:, 0]
+    data = samples[..., None, :, :]  # sample axis, then a one-slice Z axis at ``index``
+    offset = (0,) * (data.ndim - 3) + (index, 0, 0)
+    return upsert(viewer, f"{image_name} sampled tumours", data, "image", like=_like(viewer, image_name),
+                  translate_offset=offset)
+
+
+def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_layer: Callable) -> list:
+    """One callable per overlay layer of ``outputs`` (added or updated in place), then the
+    tidying up (preview hidden, the user's labels, ``labels_layer()``, moved back on top)."""
+    created = set()
+
+    def put(suffix, data, kind, **kw):
+        def step():
+            like = _like(viewer, name)
+            full = f"{name} {suffix}"
+            preview = f"{name} preview"
+            if full not in viewer.layers and kind == "labels" and preview in viewer.layers:
+                # Adding a layer costs napari far more than renaming one: the preview
+                # layer becomes the prediction layer (a new preview comes with the next run).
+                layer = viewer.layers[preview]
+                layer.name = full
+                layer.visible = True
+                layer.opacity = kw.get("opacity", layer.opacity)
+                created.add(full)
+                opts = {}
+            elif full not in viewer.layers:
+                created.add(full)
+                opts = kw
+            else:  # keep the user's display choices on an existing layer
+                opts = {k: v for k, v in kw.items() if k not in ("visible", "colormap", "opacity", "blending")}
+            upsert(viewer, full, data, kind, like=like, **opts)
+
+        return step
+
+    steps = [put("prediction", outputs["mask"], "labels", opacity=0.5)]
+    probs = outputs["probabilities"]
+    prob = probs[1] if probs.shape[0] == 2 else probs[1:]
+    steps.append(put("probability", prob, "image", colormap="magma", blending="additive", visible=False,
+                     contrast_limits=(0.0, 1.0)))
+    for out_name, kind in method_outputs.items():
+        data = outputs[out_name]
+        if data.ndim == 4 and data.shape[0] == 1:
+            data = data[0]
+        cmap = "PiYG" if kind == "difference" else "gray"
+        steps.append(put(out_name, data, "image", colormap=cmap, visible=False))
+
+    def tidy():
+        preview = f"{name} preview"
+        if preview in viewer.layers:
+            viewer.layers[preview].visible = False
+        # Keep the user's labels on top of the overlays so painting stays visible.
+        labels = labels_layer()
+        if labels is not None and created:
+            viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))
+
+    steps.append(tidy)
+    return steps
