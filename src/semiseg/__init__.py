@@ -19,7 +19,7 @@ from .io import read_volume, write_volume
 from .methods import get_method, list_methods
 from .metrics import dice_per_class
 from .model import Model, ModelFileError, load_model
-from .synthetic import make_digits, make_phantom, make_sample
+from .synthetic import make_digits, make_nuclei, make_phantom, make_sample
 
 __all__ = [
     "DISEASED",
@@ -41,6 +41,7 @@ __all__ = [
     "list_methods",
     "load_model",
     "make_digits",
+    "make_nuclei",
     "make_phantom",
     "make_pools",
     "make_sample",
