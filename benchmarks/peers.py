@@ -44,7 +44,6 @@ One table with our methods beside the peers (rows of annotation_efficiency resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from peers import fill_between_slices, random_forest, random_walk, report  # noqa: E402
+from peers import fill_between_slices, random_forest, random_walk, report
 
 
 def _blob(seed=0, shape=(9, 28, 30)):
@@ -40,14 +40,14 @@ def test_learned_peers_recover_a_blob_between_two_annotated_slices(peer):
 
 
 def test_learned_peers_without_painted_foreground_predict_nothing():
-    image, truth, labels, annotated, tags = _blob()
+    image, _, labels, _, tags = _blob()
     empty = np.zeros_like(labels)
     for peer in (random_forest, random_walk):
         assert not peer(image, empty, np.array([], int), tags)[0].any()
 
 
 def test_random_walk_uses_the_spacing():
-    image, truth, labels, annotated, tags = _blob(1)
+    image, _, labels, annotated, tags = _blob(1)
     a = random_walk(image, labels, annotated, tags)[1]
     b = random_walk(image, labels, annotated, tags, spacing=(3.0, 1.0, 1.0))[1]
     assert not np.allclose(a, b)
