@@ -89,11 +89,12 @@ def test_report_puts_peers_and_methods_side_by_side():
         {"method": "supervised", "sample": "nuclei", "placement": "even", "k": 5, "seed": s, "dice": 0.8,
          "budget_minutes": 3.0, "clock": "process", "params": {}, "loadavg": 2.5}
         for s in range(2)
-    ]
+    ] + [{"method": "supervised", "sample": "nuclei", "placement": "even", "k": 5, "seed": 0, "dice": 0.9,
+          "budget_minutes": 3.0, "clock": "process", "params": {}, "every_slice_labelled": True}]
     table = report(peer_rows, method_rows)
     lines = table.splitlines()
     assert lines[0] == ("| sample | placement | K | interpolation (CPU s) | random_walk (CPU s) "
-                        "| supervised, 3 min process |")
-    assert lines[2] == ("| nuclei | even | 5 | 0.510 ± 0.008 (2 s, n=3) | 0.710 ± 0.008 (2 s, n=3) "
-                        "| 0.800 ± 0.000 (n=2) |")
-    assert "1.50 to 2.50" in table
+                        "| supervised, 3 min process | supervised (every slice labelled), 3 min process |")
+    assert lines[2] == ("| nuclei | even | 5 | 0.510 ± 0.008 (2.0 s, n=3) | 0.710 ± 0.008 (2.0 s, n=3) "
+                        "| 0.800 ± 0.000 (n=2) | 0.900 ± 0.000 (n=1) |")
+    assert "peers 1.50 to 1.50 (median 1.50); methods 2.50 to 2.50" in table
