@@ -35,7 +35,7 @@ def model_path(sample_dir):
     return out
 
 
-@pytest.mark.parametrize("kind", ["phantom", "digits"])
+@pytest.mark.parametrize("kind", ["phantom", "nuclei", "digits"])
 def test_sample(tmp_path, kind, capsys):
     assert main(["sample", str(tmp_path / "s"), "--kind", kind, "--labelled", "2", "--seed", "3"]) == 0
     files = sorted(os.listdir(tmp_path / "s"))

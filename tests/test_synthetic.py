@@ -83,3 +83,44 @@ def test_clustered_placement_is_contiguous_within_the_first_part_of_the_range():
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError, match="placement"):
         sparse_labels(np.ones((4, 2, 2), np.uint8), 2, placement="nowhere")
+
+
+def test_nuclei_are_seeded_scan_like_and_tagged_from_the_truth():
+    a = semiseg.make_sample("nuclei", seed=2, labelled=3, shape=(12, 64, 72))
+    b = semiseg.make_nuclei(2, labelled=3, shape=(12, 64, 72))
+    c = semiseg.make_nuclei(3, labelled=3, shape=(12, 64, 72))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.truth, b.truth)
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == a.truth.shape == (12, 64, 72)
+    assert a.image.dtype == np.uint16 and a.truth.dtype == np.uint8
+    assert set(np.unique(a.truth)) == {0, 1}
+    has = a.truth.reshape(12, -1).any(1)
+    assert has.any() and not has[0] and not has[-1]  # the cell layer leaves top and bottom empty
+    np.testing.assert_array_equal(a.tags, np.where(has, DISEASED, HEALTHY))
+    assert len(a.annotated) == 3 and has[a.annotated].all()
+    np.testing.assert_array_equal(a.labels[a.annotated], a.truth[a.annotated])
+    assert a.spacing == (3.0, 1.0, 1.0) and semiseg.make_phantom(0, shape=(8, 32, 32)).spacing == (1.0, 1.0, 1.0)
+
+
+def test_nuclei_are_anisotropic_bright_dimming_with_depth_and_vary_between_slices():
+    from scipy import ndimage as ndi
+
+    s = semiseg.make_nuclei(0, labelled=5)
+    assert s.image.shape == (24, 160, 160)
+    lab, n = ndi.label(s.truth)
+    assert n >= 10
+    boxes = ndi.find_objects(lab)
+    z_span = np.array([b[0].stop - b[0].start for b in boxes])
+    y_span = np.array([b[1].stop - b[1].start for b in boxes])
+    assert np.median(z_span / y_span) < 0.6  # objects span fewer slices than pixels
+    img = s.image.astype(float)
+    assert np.median(img[s.truth > 0]) > np.median(img[s.truth == 0]) + 15
+    zs = np.flatnonzero(s.truth.reshape(24, -1).any(1))
+    top, bottom = zs[: len(zs) // 3], zs[-(len(zs) // 3):]
+    assert np.median(img[top][s.truth[top] > 0]) > np.median(img[bottom][s.truth[bottom] > 0])
+    # Unannotated slices are not copies of the annotated ones: neighbours overlap only partly.
+    a, b = s.truth[zs[len(zs) // 2]] > 0, s.truth[zs[len(zs) // 2] + 1] > 0
+    assert (a & b).sum() / (a | b).sum() < 0.8
+    # Poisson-like noise: the background spread grows with the signal.
+    assert img[s.truth == 0].std() > 3

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a synthetic sample volume")
     p.add_argument("out_dir")
-    p.add_argument("--kind", default="phantom", choices=("phantom", "digits"))
+    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labelled", type=int, default=5, help="annotated slices K")
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="sample, train, predict and evaluate on the bundled phantom")
     p.add_argument("out_dir", nargs="?", default=None)
-    p.add_argument("--kind", default="phantom", choices=("phantom", "digits"))
+    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"))
     p.add_argument("--labelled", type=int, default=5)
     _add_train_options(p)
     p.set_defaults(steps=400, minutes=4.0)

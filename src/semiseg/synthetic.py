@@ -1,6 +1,7 @@
-"""Seeded synthetic samples: a scan-like tumour phantom and the cluttered-digits task.
+"""Seeded synthetic samples: a scan-like tumour phantom, a fluorescence nuclei stack and the
+cluttered-digits task.
 
-Both return a :class:`Sample` with the image, the full ground truth, sparse labels (K annotated
+All return a :class:`Sample` with the image, the full ground truth, sparse labels (K annotated
 slices, as a user would paint them) and weak per-slice tags. Nothing is downloaded: the digits
 come from scikit-learn's bundled 8x8 digits.
 """
@@ -14,7 +15,9 @@ from scipy import ndimage as ndi
 
 from .data import DISEASED, HEALTHY
 
-__all__ = ["PLACEMENTS", "Sample", "make_digits", "make_phantom", "make_sample", "sparse_labels"]
+__all__ = [
+    "PLACEMENTS", "SAMPLE_KINDS", "Sample", "make_digits", "make_nuclei", "make_phantom", "make_sample", "sparse_labels",
+]
 
 
 @dataclasses.dataclass
@@ -31,6 +34,9 @@ class Sample:
     tags : (Z,) int8 ndarray
         Weak tags: 0 healthy, 1 diseased, -1 unknown.
     name : str
+    spacing : tuple of float
+        Voxel spacing ``(Z, Y, X)`` relative to the in-plane pixel; ``(3, 1, 1)`` means slices
+        three pixels apart.
     """
 
     image: np.ndarray
@@ -38,11 +44,15 @@ class Sample:
     labels: np.ndarray
     tags: np.ndarray
     name: str
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @property
     def annotated(self) -> np.ndarray:
         return np.flatnonzero(self.labels.reshape(len(self.labels), -1).any(1))
 
+
+#: The sample kinds :func:`make_sample` knows (CLI and benchmark choices).
+SAMPLE_KINDS = ("phantom", "nuclei", "digits")
 
 #: How annotated slices are placed among the candidates (see :func:`sparse_labels`).
 PLACEMENTS = ("even", "clustered", "random")
@@ -221,6 +231,129 @@ def make_phantom(
     return Sample(image, truth, sparse_labels(truth, labelled, placement=placement, seed=seed), tags, "phantom")
 
 
+def make_nuclei(
+    seed: int = 0,
+    *,
+    shape: tuple[int, int, int] = (24, 160, 160),
+    z_spacing: float = 3.0,
+    n_clusters: int | None = None,
+    labelled: int = 5,
+    photons: float = 40.0,
+    placement: str = "even",
+) -> Sample:
+    """A fluorescence-microscopy-like stack of clustered, touching nuclei with coarse Z steps.
+
+    Nuclei are perturbed ellipsoids (radius 5-9 pixels in plane, about as deep in physical
+    units) gathered in clusters where they touch, in a cell layer that leaves the top and bottom
+    slices empty. Slices are ``z_spacing`` pixels apart, so a nucleus spans only a few slices.
+    The image is formed like a widefield stack: textured (chromatin) brightness varying from
+    nucleus to nucleus, an axially elongated point-spread function (three times wider in Z than
+    in plane, physically), out-of-focus haze including that of nuclei just above and below the
+    stack, intensity falling with depth, vignetting, Poisson photon noise and camera read noise,
+    stored as uint16 with a camera offset.
+
+    Parameters
+    ----------
+    seed : int
+        Everything is drawn from ``numpy.random.default_rng(seed)``.
+    shape : tuple of int
+        ``(Z, Y, X)``.
+    z_spacing : float
+        Slice spacing in in-plane pixels (the anisotropy).
+    n_clusters : int, optional
+        Default: 7 to 11 per 160 x 160 pixels at random.
+    labelled : int
+        Slices whose truth is copied into ``labels``.
+    photons : float
+        Expected photons at the brightest nucleus' centre near the top; lower is noisier.
+    placement : {"even", "clustered", "random"}
+        Where the ``labelled`` slices lie (see :func:`sparse_labels`).
+
+    Returns
+    -------
+    Sample
+        ``truth`` is the union of the nuclei (semantic, 0/1); slices without nuclei are tagged
+        healthy; ``spacing`` is ``(z_spacing, 1, 1)``.
+    """
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    sz = float(z_spacing)
+    depth = nz * sz
+    area = ny * nx / 160**2
+    scale = float(np.clip(min(ny, nx) / 160, 0.5, 1.0))
+    n_cl = max(1, round(int(rng.integers(7, 12)) * area)) if n_clusters is None else int(n_clusters)
+    # Nuclei centres (physical units: pixels) and radii; rejection keeps them touching, not merged.
+    nuclei: list[tuple[np.ndarray, np.ndarray, float, float]] = []  # centre, radii, angle, brightness
+    lo, hi = 0.22 * depth, 0.78 * depth  # the cell layer
+    for _ in range(n_cl):
+        cc = np.array([rng.uniform(lo, hi), rng.uniform(0.1, 0.9) * ny, rng.uniform(0.1, 0.9) * nx])
+        for _ in range(int(rng.integers(4, 11))):
+            for _try in range(30):
+                r = rng.uniform(5, 9) * scale
+                radii = np.array([r * rng.uniform(0.75, 1.0), r * rng.uniform(0.85, 1.15), r * rng.uniform(0.85, 1.15)])
+                p = cc + rng.normal(scale=[1.0 * r, 1.8 * r, 1.8 * r])
+                p[0] = np.clip(p[0], lo, hi)
+                p[1:] = np.clip(p[1:], 0, [ny - 1, nx - 1])
+                if all(np.linalg.norm((p - q) / [1, 1, 1]) > 0.85 * (radii.mean() + rq.mean()) for q, rq, _, _ in nuclei):
+                    nuclei.append((p, radii, rng.uniform(0, np.pi), rng.uniform(0.45, 1.0)))
+                    break
+    # Nuclei just outside the stack: only their out-of-focus light reaches it.
+    pad = 4  # slices rendered above and below, cropped after blurring
+    outside = []
+    for _ in range(max(1, round(int(rng.integers(3, 7)) * area))):
+        r = rng.uniform(5, 9) * scale
+        radii = np.array([0.9 * r, r, r])
+        above = rng.random() < 0.5
+        cz = -rng.uniform(1.3, 2.0) * radii[0] if above else depth - sz + rng.uniform(1.3, 2.0) * radii[0]
+        outside.append((np.array([cz, rng.uniform(0, ny), rng.uniform(0, nx)]), radii, rng.uniform(0, np.pi), rng.uniform(0.45, 1.0)))
+    full = (nz + 2 * pad, ny, nx)
+    best = np.full(full, np.inf, np.float32)
+    owner = np.full(full, -1, np.int32)
+    zc = (np.arange(full[0], dtype=np.float32) - pad) * sz
+    yc = np.arange(ny, dtype=np.float32)
+    xc = np.arange(nx, dtype=np.float32)
+    everything = nuclei + outside
+    for i, (c, rad, ang, _) in enumerate(everything):
+        ext = 1.4 * rad
+        sl = []
+        for coords, ci, e in zip((zc, yc, xc), c, ext):
+            idx = np.flatnonzero(np.abs(coords - ci) <= e)
+            sl.append(slice(idx[0], idx[-1] + 1) if len(idx) else slice(0, 0))
+        if any(s.stop <= s.start for s in sl):
+            continue
+        z, y, x = np.meshgrid(zc[sl[0]] - c[0], yc[sl[1]] - c[1], xc[sl[2]] - c[2], indexing="ij")
+        u = y * np.cos(ang) + x * np.sin(ang)
+        v = -y * np.sin(ang) + x * np.cos(ang)
+        d = np.sqrt((z / rad[0]) ** 2 + (u / rad[1]) ** 2 + (v / rad[2]) ** 2)
+        box = tuple(sl)
+        closer = d < best[box]
+        best[box] = np.where(closer, d, best[box])
+        owner[box] = np.where(closer, i, owner[box])
+    # Irregular outlines: one smooth field perturbs every boundary (less along the coarse Z).
+    best = best + _smooth_noise(rng, full, (0.7, 2.5, 2.5), scale=0.07)
+    inside = best < 1
+    bright = np.array([b for *_, b in everything] + [0.0], np.float32)[owner]
+    chromatin = 1 + _smooth_noise(rng, full, (0.5, 1.2, 1.2), scale=0.12) + _smooth_noise(rng, full, (0.7, 3, 3), scale=0.08)
+    signal = np.where(inside, bright * chromatin * (1.0 - 0.15 * np.clip(best, 0, 1) ** 4), 0).astype(np.float32)
+    signal = np.maximum(signal, 0) + 0.04 * (1 + _smooth_noise(rng, full, (1, 8, 8), scale=0.5)).clip(0)  # autofluorescence
+    # Widefield optics: a PSF three times longer in Z than in plane (physically) plus haze.
+    psf = 1.0
+    focused = ndi.gaussian_filter(signal, (3 * psf / sz, psf, psf))
+    haze = ndi.gaussian_filter(signal, (8.0 / sz, 6.0, 6.0))
+    img = (0.75 * focused + 0.35 * haze)[pad:pad + nz]
+    zz = (np.arange(nz, dtype=np.float32) * sz)[:, None, None]
+    yy, xx = np.meshgrid(np.linspace(-1, 1, ny, dtype=np.float32), np.linspace(-1, 1, nx, dtype=np.float32), indexing="ij")
+    img = img * np.exp(-zz / depth * np.log(2.5)) * (1 - 0.18 * (yy**2 + xx**2) / 2)
+    counts = rng.poisson(photons * img + 2.0)
+    adu = 100 + 4.0 * counts + rng.normal(scale=6.0, size=shape)
+    image = np.clip(np.round(adu), 0, 65535).astype(np.uint16)
+    truth = inside[pad:pad + nz].astype(np.uint8)
+    has = truth.reshape(nz, -1).any(1)
+    tags = np.where(has, DISEASED, HEALTHY).astype(np.int8)
+    labels = sparse_labels(truth, labelled, placement=placement, seed=seed)
+    return Sample(image, truth, labels, tags, "nuclei", (sz, 1.0, 1.0))
+
+
 def _digits():
     from sklearn.datasets import load_digits
 
@@ -316,11 +449,13 @@ def make_digits(
 
 
 def make_sample(kind: str = "phantom", seed: int = 0, labelled: int = 5, **kwargs) -> Sample:
-    """Make the named sample: ``phantom`` or ``digits``."""
+    """Make the named sample: ``phantom``, ``nuclei`` or ``digits`` (see :data:`SAMPLE_KINDS`)."""
     if kind == "phantom":
         return make_phantom(seed, labelled=labelled, **kwargs)
+    if kind == "nuclei":
+        return make_nuclei(seed, labelled=labelled, **kwargs)
     if kind == "digits":
         return make_digits(seed, labelled=labelled, **kwargs)
-    raise ValueError(f"unknown sample kind {kind!r}; choose phantom or digits")
+    raise ValueError(f"unknown sample kind {kind!r}; choose one of {', '.join(SAMPLE_KINDS)}")
 
 
