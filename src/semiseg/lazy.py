@@ -33,8 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from .device import resolve_device
-from .errors import InputError, PredictionError
-from .inference import check_prediction_inputs, mask_dtype, predict_slab, release_free_memory, slab_slices
+from .errors import InputError
+from .inference import (
+    check_prediction_inputs,
+    mask_dtype,
+    predict_slab,
+    release_free_memory,
+    slab_slices,
+)
 from .io import _suffix, atomic_path
 from .methods.base import state_to_cpu
 from .model import FORMAT, FORMAT_VERSION, Model

@@ -32,7 +32,7 @@ def _view(viewer, axis, index):
 
 
 def test_recorder_starts_from_the_painted_axial_slices(painted_viewer):
-    viewer, labels = painted_viewer
+    _viewer, labels = painted_viewer
     assert get_planes(labels) == _axial(labels) and len(_axial(labels)) == 2
     assert planes_for_training(labels) is None  # nothing off the training axis: as before
 
