@@ -20,12 +20,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import InputError, _pad_to, as_channels
+from .data import InputError, _pad_to, as_channels, check_context, context_indices, stack_context
 from .engine import PredictionError, Progress, first_line, is_out_of_memory, run
 from .methods.base import Method
 from .model import Model
 
-__all__ = ["apply_to_slices", "iter_predict_volume", "predict_normalised_slices", "predict_volume"]
+__all__ = [
+    "apply_to_slices",
+    "iter_predict_volume",
+    "predict_normalised_slices",
+    "predict_volume",
+    "read_slices",
+]
 
 #: Share of a window that its neighbour overlaps (MONAI's default).
 WINDOW_OVERLAP = 0.25
@@ -202,7 +208,40 @@ def check_prediction_inputs(model: Model, image, outputs: Sequence[str], batch_s
         raise InputError(f"method {model.method.name!r} has no output(s) {unknown}; it offers {list(offered)}")
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
+    check_context(model.context, image.shape[model.axis + 1])
     return image, squeeze
+
+
+def read_slices(image, axis: int, start: int, stop: int, context: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read slices ``start..stop - 1`` and the neighbours their context needs.
+
+    Parameters
+    ----------
+    image : (C, Z, Y, X) array-like
+        Read once, as one contiguous range of slices along ``axis``.
+    axis : int
+        Spatial slicing axis.
+    start, stop : int
+    context : int
+        Neighbours on each side (reflected at the ends, :func:`semiseg.data.context_indices`).
+
+    Returns
+    -------
+    raw : (S, C, H, W) float32 ndarray
+        The slices read (``S = stop - start`` without context).
+    rows : (stop - start, 2 context + 1) int ndarray or None
+        Rows of ``raw`` to stack for each slice (:func:`semiseg.data.stack_context`), after
+        normalisation; ``None`` without context.
+    """
+    rows, lo, hi = None, start, stop
+    if context:
+        rows = context_indices(np.arange(start, stop), image.shape[axis + 1], context)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        rows = rows - lo
+    idx = [slice(None)] * 4
+    idx[axis + 1] = slice(lo, hi)
+    raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+    return np.moveaxis(raw, axis + 1, 0), rows
 
 
 def iter_predict_volume(
@@ -266,21 +305,22 @@ def iter_predict_volume(
     s = 0
     while s < n:
         e = min(n, s + batch_size)
-        idx = [slice(None)] * 4
-        idx[axis + 1] = slice(s, e)
         try:
-            raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+            x, rows = read_slices(image, axis, s, e, model.context)  # (B, C, H, W)
         except MemoryError:
             raise PredictionError(f"not enough memory to read slices {s}..{e - 1}") from None
         except Exception as exc:  # corrupt chunks of lazy (zarr) images
             raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
-        x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
         try:
-            pred = predict_normalised_slices(method, model.normaliser(x, channel_axis=1), outputs)
+            normalised = model.normaliser(x, channel_axis=1)
+            if rows is not None:
+                normalised = stack_context(normalised, rows)
+            pred = predict_normalised_slices(method, normalised, outputs)
         except InputError:
             raise
         except Exception as exc:
-            del x, raw
+            del x
+            normalised = None
             if not is_out_of_memory(exc):
                 raise PredictionError(
                     f"prediction failed at slices {s}..{e - 1}: {type(exc).__name__}: {first_line(exc)}"

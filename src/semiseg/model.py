@@ -43,16 +43,22 @@ class Model:
         Spatial slicing axis used in training.
     history : list of dict
         One record per training run: steps, losses, label budget, settings.
+    context : int
+        Neighbouring slices on each side that the network sees with every slice (2.5D input,
+        :func:`semiseg.data.context_indices`): its networks take ``in_channels * (2 context + 1)``
+        channels. Fixed once trained; files written before it was stored load with 0.
     """
 
     method: Method
     normaliser: Normaliser
     axis: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    context: int = 0
 
     @property
     def in_channels(self) -> int:
-        return self.method.in_channels
+        """Channels of the image (the network takes ``in_channels * (2 context + 1)``)."""
+        return self.method.in_channels // (2 * self.context + 1)
 
     @property
     def num_classes(self) -> int:
@@ -63,11 +69,12 @@ class Model:
         return {
             "method": self.method.name,
             "params": _jsonable(dataclasses.asdict(self.method.params)),
-            "in_channels": self.in_channels,
+            "in_channels": self.method.in_channels,
             "num_classes": self.num_classes,
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
             "tile_size": self.method.tile_size,
+            "context": self.context,
             "history": self.history,
         }
 
@@ -131,9 +138,10 @@ class Model:
             raise ModelFileError(f"{path}: weights do not fit the model ({str(exc)[:200]})") from None
         try:
             method.tile_size = _tile_size(cfg)
+            context = _context(cfg)
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
-        return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"])
+        return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"], context)
 
     def predict(self, image, **kwargs):
         """Predict a whole volume; see :func:`semiseg.inference.predict_volume`."""
@@ -180,3 +188,13 @@ def _tile_size(cfg: dict) -> int | None:
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8:
         raise ValueError(f"tile_size must be an integer >= 8, got {tile!r}")
     return tile
+
+
+def _context(cfg: dict) -> int:
+    """Slice context of a saved model; files written before it was stored have none (0)."""
+    context = cfg.get("context", 0)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"context must be an integer >= 0, got {context!r}")
+    if cfg["in_channels"] % (2 * context + 1):
+        raise ValueError(f"{cfg['in_channels']} network channels do not fit context {context}")
+    return context
