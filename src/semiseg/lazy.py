@@ -5,8 +5,10 @@ model's slicing axis (every other axis in one piece). One task per slab reads it
 and runs the network (:func:`semiseg.inference.predict_normalised_slices`); the results are
 written to zarr with :func:`dask.array.store`, slab by slab. Networks are 2D: every slice is
 predicted on its own (whole, or in blended windows of the training crop inside the slice), so
-slabs need **no overlap** along the slicing axis (no halo, no seams between slabs) and peak
-memory is a few slabs whatever the volume size.
+without slice context slabs need **no overlap** along the slicing axis (no halo, no seams
+between slabs) and peak memory is a few slabs whatever the volume size. A model with a slice
+context of N (:attr:`semiseg.model.Model.context`) reads each slab with a halo of N slices on
+each side, reflected at the volume's ends, exactly the slices in-memory prediction reads.
 
 The same graph runs on dask's local schedulers (threads by default, or ``"synchronous"``) or on
 a ``dask.distributed`` cluster given its scheduler address; the model travels to each worker
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError
+from .data import InputError, stack_context
 from .inference import check_prediction_inputs
 from .model import Model
 
@@ -133,8 +135,11 @@ def _set_eval(model: Model) -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------- the graph
-def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dtype):
+def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dtype, context=0):
     """Predict one slab ``(C, ...)`` whose slicing axis is ``axis + 1``.
+
+    With ``context`` N the block carries a halo of N slices on each side (already reflected at
+    the volume's ends), and its ``B`` central slices are predicted.
 
     Returns the mask slab ``(...)`` when only the mask is wanted, else a float32 stack
     ``(K [+ C * len(outputs)], ...)`` of probabilities and outputs (the mask is its argmax).
@@ -142,8 +147,12 @@ def _predict_slab(block, handle, *, axis, outputs, kinds, probabilities, mask_dt
     from .inference import predict_normalised_slices
 
     model = handle.get()
-    x = np.moveaxis(np.asarray(block, dtype=np.float32), axis + 1, 0)  # (B, C, H, W)
-    pred = predict_normalised_slices(model.method, model.normaliser(x, channel_axis=1), outputs)
+    x = np.moveaxis(np.asarray(block, dtype=np.float32), axis + 1, 0)  # (B + 2N, C, H, W)
+    x = model.normaliser(x, channel_axis=1)
+    if context:
+        n = x.shape[0] - 2 * context
+        x = stack_context(x, np.arange(n)[:, None] + np.arange(2 * context + 1))
+    pred = predict_normalised_slices(model.method, x, outputs)
     if not np.isfinite(pred["probabilities"]).all():
         from .engine import PredictionError
 
@@ -214,6 +223,9 @@ def lazy_predict(
     slab = [-1] * 4
     slab[axis + 1] = batch_size
     image = image.rechunk(tuple(slab))
+    out_chunks = image.chunks
+    if model.context:  # each slab is read with its neighbours (see _predict_slab)
+        image = _with_halo(image, axis + 1, model.context)
     handle = dask.delayed(ModelHandle(model, device), name=f"semiseg-model-{uuid.uuid4().hex}")
     kwargs = {
         "axis": axis,
@@ -221,17 +233,18 @@ def lazy_predict(
         "kinds": {o: method.outputs[o] for o in outputs},
         "probabilities": probabilities,
         "mask_dtype": mask_dtype,
+        "context": model.context,
     }
     name = f"semiseg-predict-{uuid.uuid4().hex}"
     if not probabilities and not outputs:
         mask = da.map_blocks(
             _predict_slab, image, handle, drop_axis=0, dtype=mask_dtype,
-            chunks=image.chunks[1:], name=name, meta=np.empty((0,) * 3, mask_dtype), **kwargs,
+            chunks=out_chunks[1:], name=name, meta=np.empty((0,) * 3, mask_dtype), **kwargs,
         )
         return {"mask": mask}
     depth = k + c * len(outputs)
     stack = da.map_blocks(
-        _predict_slab, image, handle, dtype=np.float32, chunks=((depth,), *image.chunks[1:]),
+        _predict_slab, image, handle, dtype=np.float32, chunks=((depth,), *out_chunks[1:]),
         name=name, meta=np.empty((0,) * 4, np.float32), **kwargs,
     )
     res = {"mask": stack[:k].argmax(axis=0).astype(mask_dtype)}
@@ -241,6 +254,26 @@ def lazy_predict(
         y = stack[k + i * c : k + (i + 1) * c]
         res[o] = y[0] if squeeze else y
     return res
+
+
+def _with_halo(slabs, ax: int, context: int):
+    """``slabs`` (one chunk per slab along axis ``ax``) with every chunk widened by ``context``
+    slices on each side, taken from the volume reflected at its ends (numpy's ``"reflect"``)."""
+    import dask.array as da
+
+    n = slabs.shape[ax]
+    head = slabs[(slice(None),) * ax + (slice(context, 0, -1),)]  # slices N..1
+    stop = n - 2 - context  # -1 would wrap round: None reads down to slice 0
+    tail = slabs[(slice(None),) * ax + (slice(n - 2, stop if stop >= 0 else None, -1),)]
+    padded = da.concatenate([head, slabs, tail], axis=ax)
+    pieces, sizes, s = [], [], 0
+    for size in slabs.chunks[ax]:
+        pieces.append(padded[(slice(None),) * ax + (slice(s, s + size + 2 * context),)])
+        sizes.append(size + 2 * context)
+        s += size
+    chunks = list(slabs.chunks)
+    chunks[ax] = tuple(sizes)
+    return da.concatenate(pieces, axis=ax).rechunk(tuple(chunks))
 
 
 # ----------------------------------------------------------------------------- schedulers

@@ -292,3 +292,21 @@ def test_long_layer_names_and_run_descriptions_do_not_widen_the_docks(make_train
     assert after == before and max(after) < 600, (before, after)
     assert w.labels_combo.toolTip() == long_name  # the whole name, where the box cuts it
     assert "training runs kept in" in w.runs_combo.toolTip()
+
+
+def test_context_control_trains_a_context_model(qtbot, make_train_widget, run_and_wait, sample_viewer):
+    w = make_train_widget(sample_viewer, steps=2)
+    w.context_spin.setValue(1)
+    w.continue_check.setChecked(False)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model.context == 1 and w.model.method.in_channels == 3
+    assert sample_viewer.layers["phantom prediction"].data.shape == sample_viewer.layers["phantom labels"].data.shape
+    # Continuing keeps the model's context whatever the control shows; from scratch uses it.
+    w.context_spin.setValue(0)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model.context == 1 and w.model.method.step == 4
+    w.continue_check.setChecked(False)
+    run_and_wait(qtbot, w)
+    assert w.model.context == 0

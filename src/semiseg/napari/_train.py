@@ -206,6 +206,12 @@ class TrainWidget(QWidget):
         self.crop_spin.setSingleStep(16)
         self.crop_spin.setValue(96)
         form.addRow("Crop", self.crop_spin)
+        self.context_spin = QSpinBox()  # issue 16: 2.5D slice context (TrainConfig.context)
+        self.context_spin.setRange(0, 8)
+        self.context_spin.setValue(TrainConfig.context)
+        self.context_spin.setToolTip("Neighbouring slices on each side the network sees with each slice "
+                                     "(a continued model keeps its own)")
+        form.addRow("Context", self.context_spin)
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         form.addRow("Seed", self.seed_spin)
@@ -462,6 +468,8 @@ class TrainWidget(QWidget):
             minutes=minutes,
             batch_size=self.batch_spin.value(),
             crop=self.crop_spin.value(),
+            context=self.model.context if self.model is not None and self.continue_check.isChecked()
+            else self.context_spin.value(),
             seed=self.seed_spin.value(),
             preview_every=self.preview_every,
         )
