@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .data import HEALTHY, _check_tags, as_channels, validate_labels
+from .data import HEALTHY, _check_tags, as_channels, check_context, stack_context, validate_labels
 from .errors import InputError
-from .inference import apply_to_slices
+from .inference import apply_to_slices, read_slices
 from .methods.base import Method, predictive_entropy
 from .model import Model
 from .progress import Progress, run
@@ -435,6 +435,7 @@ def iter_uncertainty(
         raise InputError("batch_size must be at least 1")
     slice_scores(np.zeros((1, 1, 1)), np.ones((1, 2, 1, 1)), threshold=threshold, margin=margin,
                  outside_weight=outside_weight)  # validate settings before any work
+    check_context(model.context, image.shape[model.axis + 1])
     axis = model.axis
     spatial = tuple(image.shape[1:])
     n = spatial[axis]
@@ -449,11 +450,13 @@ def iter_uncertainty(
     yield Progress(0, n, {}, 0.0, phase="uncertainty")
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
-        idx = [slice(None)] * 4
-        idx[axis + 1] = slice(s, e)
-        raw = np.asarray(image[tuple(idx)], dtype=np.float32)
-        x = model.normaliser(np.moveaxis(raw, axis + 1, 0), channel_axis=1)  # (B, C, H, W)
-        unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
+        raw, rows = read_slices(image, axis, s, e, model.context)
+        x = model.normaliser(raw, channel_axis=1)  # (B, C, H, W), or with the context's neighbours
+        if rows is not None:  # the network sees each slice with its context; descriptors do not
+            unc, probs = uncertainty_slices(method, stack_context(x, rows), tta=tta, tile_size=model.tile_size)
+            x = x[rows[:, model.context]]
+        else:
+            unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
         mass[s:e] = slice_scores(unc, probs, threshold=threshold, margin=margin, outside_weight=outside_weight)
         desc = slice_descriptors(x)
         if descriptors is None:
