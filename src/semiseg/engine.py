@@ -284,6 +284,8 @@ def iter_train(
         except Exception as exc:  # corrupt chunks of lazy (zarr) images
             raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
         method_cls = get_method(method)
+        if getattr(method_cls, "spatial_dims", 2) == 3:  # the patch and network fit the volume
+            params = method_cls.resolve_params(params, tuple(image.shape[1:]), config.axis)
         num_classes = max(2, pools.num_classes)
         net = method_cls(image.shape[0], num_classes, params=params, device=dev, amp=amp)
         model = Model(net, normaliser, config.axis)
@@ -302,6 +304,15 @@ def iter_train(
     _reset_learning_rates(method_obj)
     # Predict as trained: in windows of the training crop (see Method.tile_size).
     method_obj.tile_size = int(config.crop)
+    volumetric = getattr(method_obj, "spatial_dims", 2) == 3
+    if volumetric:
+        depth = method_obj.patch_depth
+        if depth > image.shape[config.axis + 1]:
+            raise InputError(
+                f"patch depth {depth} of the model exceeds the {image.shape[config.axis + 1]} slices "
+                f"of the volume along axis {config.axis}"
+            )
+        method_obj.window_size = (depth, int(config.crop), int(config.crop))
     if config.compile:
         _compile_nets(method_obj, config.compile)
     from . import distributed
@@ -311,10 +322,18 @@ def iter_train(
         distributed.broadcast_parameters(method_obj)
         method_obj.grad_sync = distributed.all_reduce_gradients
         torch.manual_seed(distributed.rank_seed(config.seed))
-    sampler = SliceSampler(
-        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
-        cache_bytes=int(config.cache_mb * 2**20),
-    )
+    if volumetric:
+        from .patches import PatchSampler
+
+        sampler = PatchSampler(
+            image, labels, [(config.axis, int(i)) for i in pools.annotated], model.normaliser,
+            axis=config.axis, patch=method_obj.window_size, cache_bytes=int(config.cache_mb * 2**20),
+        )
+    else:
+        sampler = SliceSampler(
+            image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
+            cache_bytes=int(config.cache_mb * 2**20),
+        )
     rng = np.random.default_rng(distributed.rank_seed(config.seed))
     needs = method_obj.batch_needs(config.batch_size)
     start = time.perf_counter()
@@ -389,7 +408,9 @@ def iter_train(
             preview = idx = None
             if preview_index is not None and now - last_preview >= config.preview_every:
                 idx = preview_index()
-                if idx is not None:
+                if idx is not None and volumetric:
+                    preview = preview_slab(model, sampler, int(idx))
+                elif idx is not None:
                     preview = preview_slice(model, sampler.slice_image(int(idx)))
                     last_preview = time.perf_counter()
             if preview is not None or step % config.report_every == 0 or step == config.steps:
@@ -440,6 +461,19 @@ def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:
     from .inference import predict_normalised_slices
 
     return predict_normalised_slices(model.method, normalised[None])["mask"][0]
+
+
+def preview_slab(model: Model, sampler, index: int) -> np.ndarray:
+    """Predicted ``(H, W)`` mask of slice ``index`` for a 3D method: a slab of window depth
+    around it (normalised slices from ``sampler.slice_image``) is predicted in 3D windows and
+    its slice ``index`` returned."""
+    from .inference import predict_normalised_volume
+
+    n = sampler.labels.shape[0]
+    depth = min(n, model.method.window()[0] if model.method.window() else n)
+    lo = int(np.clip(index - depth // 2, 0, n - depth))
+    slab = np.stack([sampler.slice_image(i) for i in range(lo, lo + depth)], axis=1)
+    return predict_normalised_volume(model.method, slab[None])["mask"][0, index - lo]
 
 
 def run(gen: Generator[Any, None, Any], callback: Callable[[Any], None] | None = None):

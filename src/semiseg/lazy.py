@@ -6,7 +6,9 @@ and runs the network (:func:`semiseg.inference.predict_normalised_slices`); the 
 written to zarr with :func:`dask.array.store`, slab by slab. Networks are 2D: every slice is
 predicted on its own (whole, or in blended windows of the training crop inside the slice), so
 slabs need **no overlap** along the slicing axis (no halo, no seams between slabs) and peak
-memory is a few slabs whatever the volume size.
+memory is a few slabs whatever the volume size. 3D methods (``spatial_dims == 3``) predict
+slabs of at least twice the window depth, each read with a halo of one window depth on both
+sides (:func:`semiseg.inference.slab_plan`), and keep the slab's own slices.
 
 The same graph runs on dask's local schedulers (threads by default, or ``"synchronous"``) or on
 a ``dask.distributed`` cluster given its scheduler address; the model travels to each worker
@@ -206,6 +208,8 @@ def lazy_predict(
     if not isinstance(image, da.Array):
         chunks = getattr(image, "chunks", None)
         image = da.from_array(image, chunks=chunks if isinstance(chunks, tuple) else -1)
+    if getattr(method, "spatial_dims", 2) == 3:
+        return _lazy_predict_3d(model, image, batch_size=batch_size, probabilities=probabilities, device=device)
     axis = model.axis
     c = image.shape[0]
     k = model.num_classes
@@ -241,6 +245,63 @@ def lazy_predict(
         y = stack[k + i * c : k + (i + 1) * c]
         res[o] = y[0] if squeeze else y
     return res
+
+
+def _predict_slab_3d(block, handle, *, keep, probabilities, mask_dtype):
+    """Predict one slab (with its halo) of a 3D method; see :func:`semiseg.inference.slab_plan`."""
+    from .inference import predict_block_3d
+
+    model = handle.get()
+    pred = predict_block_3d(model, block, keep)
+    if not np.isfinite(pred["probabilities"]).all():
+        from .engine import PredictionError
+
+        raise PredictionError("the model produced non-finite values")
+    done = _SLAB_DONE
+    if done is not None:  # local schedulers: dask fuses these tasks, so they report themselves
+        done()
+    return pred["probabilities"] if probabilities else pred["mask"].astype(mask_dtype)
+
+
+#: Called by every finished 3D slab while :func:`predict_to_zarr` runs on a local scheduler.
+_SLAB_DONE: Callable[[], None] | None = None
+
+
+def _lazy_predict_3d(model: Model, image, *, batch_size: int, probabilities: bool, device: str) -> dict:
+    """:func:`lazy_predict` of a 3D method: one task per slab along the model's axis, each
+    reading its slices plus a halo of the window depth (:func:`semiseg.inference.slab_plan`),
+    so results equal :func:`semiseg.inference.predict_volume` with the same ``batch_size``."""
+    import dask
+    import dask.array as da
+
+    from .inference import slab_plan
+
+    method, axis = model.method, model.axis
+    spatial = tuple(image.shape[1:])
+    k = model.num_classes
+    mask_dtype = np.dtype(np.uint8 if k <= 256 else np.uint16)
+    window = method.window()
+    depth = window[0] if window else method.patch_depth
+    handle = dask.delayed(ModelHandle(model, device), name=f"semiseg-model-{uuid.uuid4().hex}")
+    name = f"semiseg-predict-{uuid.uuid4().hex}"
+    parts = []
+    for i, (s, e, rs, re) in enumerate(slab_plan(spatial[axis], depth, batch_size)):
+        idx = [slice(None)] * 4
+        idx[axis + 1] = slice(rs, re)
+        shape = list(spatial)
+        shape[axis] = e - s
+        task = dask.delayed(_predict_slab_3d)(
+            image[tuple(idx)], handle, keep=(s - rs, e - rs), probabilities=probabilities,
+            mask_dtype=mask_dtype, dask_key_name=f"{name}-{i}",
+        )
+        if probabilities:
+            parts.append(da.from_delayed(task, shape=(k, *shape), dtype=np.float32))
+        else:
+            parts.append(da.from_delayed(task, shape=tuple(shape), dtype=mask_dtype))
+    if not probabilities:
+        return {"mask": da.concatenate(parts, axis=axis)}
+    probs = da.concatenate(parts, axis=axis + 1)
+    return {"mask": probs.argmax(axis=0).astype(mask_dtype), "probabilities": probs}
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -309,6 +370,25 @@ class _SlabProgress:
                     fn(self.done, total)
 
         self.callback = Callback(posttask=posttask)
+
+
+@contextlib.contextmanager
+def _self_reported_progress(total: int, fn: Callable[[int, int], None]):
+    """Count the 3D slabs that finish while the block runs (see :data:`_SLAB_DONE`)."""
+    global _SLAB_DONE
+    lock = threading.Lock()
+    count = [0]
+
+    def done():
+        with lock:
+            count[0] += 1
+            fn(count[0], total)
+
+    _SLAB_DONE = done
+    try:
+        yield
+    finally:
+        _SLAB_DONE = None
 
 
 def predict_to_zarr(
@@ -395,7 +475,10 @@ def predict_to_zarr(
                 targets.append(z)
             n_slabs = arrays["mask"].numblocks[model.axis]
             cb = contextlib.nullcontext()
-            if progress is not None and not _is_client(kw["scheduler"]):
+            local = progress is not None and not _is_client(kw["scheduler"])
+            if local and getattr(model.method, "spatial_dims", 2) == 3:
+                cb = _self_reported_progress(n_slabs, progress)
+            elif local:
                 cb = _SlabProgress("semiseg-predict-", n_slabs, progress).callback
             with cb:
                 da.store(sources, targets, lock=False, **kw)

@@ -68,6 +68,8 @@ class Model:
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
             "tile_size": self.method.tile_size,
+            # 3D methods: the (D, H, W) prediction window (absent from older files).
+            "window_size": _window(self.method),
             "history": self.history,
         }
 
@@ -131,6 +133,11 @@ class Model:
             raise ModelFileError(f"{path}: weights do not fit the model ({str(exc)[:200]})") from None
         try:
             method.tile_size = _tile_size(cfg)
+            window = cfg.get("window_size")
+            if window is not None:
+                if len(window) != 3 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in window):
+                    raise ValueError(f"window_size must be three integers >= 1, got {window!r}")
+                method.window_size = tuple(window)
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
         return cls(method, Normaliser.from_dict(cfg["normaliser"]), cfg["axis"], cfg["history"])
@@ -165,6 +172,11 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _window(method: Method) -> list[int] | None:
+    window = getattr(method, "window_size", None)
+    return None if window is None else [int(w) for w in window]
 
 
 def _tile_size(cfg: dict) -> int | None:

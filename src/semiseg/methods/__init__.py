@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "cyclegan",
     "pyramid_gan",
     "semantic_gan",
+    "unet3d",
 )
 
 _loaded = False

@@ -107,6 +107,9 @@ class Method(abc.ABC):
     can_sample: ClassVar[bool] = False
     #: Whether the method learns from weak healthy/diseased tags.
     uses_tags: ClassVar[bool] = False
+    #: 2: networks see single slices ``(B, C, H, W)``; 3: they see ``(B, C, D, H, W)`` patches
+    #: (the engine then samples 3D patches and prediction slides 3D windows).
+    spatial_dims: ClassVar[int] = 2
     #: Side of the square windows prediction slides over slices larger than it (the training
     #: crop: the engine sets it, model files keep it); ``None`` predicts every slice whole.
     #: Instance-normalised networks see their statistics change with the input's extent, so a
