@@ -183,6 +183,8 @@ def apply_to_slices(
         On the method's device, cropped back to ``(H, W)``; window outputs are averaged with
         :func:`gaussian_window` weights.
     """
+    if getattr(method, "spatial_dims", 2) == 3:
+        raise InputError(f"method {method.name!r} predicts 3D blocks, not single slices")
     h, w = x.shape[-2:]
     tile = _window_size(method, h, w)
     return apply_in_windows(method, x, fn, None if tile is None else (tile, tile), overlap=overlap)
