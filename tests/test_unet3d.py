@@ -309,3 +309,15 @@ def test_lazy_prediction_equals_in_memory(tmp_path, phantom, trained):
     np.testing.assert_array_equal(read_volume(paths["mask"]), ref["mask"])
     n_slabs = len(slab_plan(10, 6, 2))
     assert done and done[-1] == (n_slabs, n_slabs)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_uncertainty_of_a_3d_model_matches_its_prediction(phantom, trained, tta):
+    from semiseg.suggest import iter_uncertainty, suggest_slices
+
+    res = semiseg.engine.run(iter_uncertainty(trained, phantom.image, tta=tta, batch_size=2))
+    assert res.uncertainty.shape == phantom.image.shape and np.isfinite(res.uncertainty).all()
+    if not tta:  # the entropy of the probabilities predict_volume gives (same slabs, same windows)
+        p = predict_volume(trained, phantom.image, batch_size=2)["probabilities"].clip(1e-8)
+        np.testing.assert_allclose(res.uncertainty, -(p * np.log(p)).sum(0), rtol=1e-4, atol=1e-5)
+    assert len(suggest_slices(trained, phantom.image, phantom.labels, n=2)) == 2
