@@ -321,3 +321,21 @@ def test_uncertainty_of_a_3d_model_matches_its_prediction(phantom, trained, tta)
         p = predict_volume(trained, phantom.image, batch_size=2)["probabilities"].clip(1e-8)
         np.testing.assert_allclose(res.uncertainty, -(p * np.log(p)).sum(0), rtol=1e-4, atol=1e-5)
     assert len(suggest_slices(trained, phantom.image, phantom.labels, n=2)) == 2
+
+
+def test_no_tile_size_predicts_whole_slabs(phantom, trained):
+    method = trained.method
+    tile, method.tile_size = method.tile_size, None
+    try:
+        assert method.window() is None
+        sizes = []
+        predict = method.predict
+        method.predict = lambda x: sizes.append(tuple(x.shape[-3:])) or predict(x)
+        try:
+            predict_volume(trained, phantom.image, probabilities=False)
+        finally:
+            del method.predict
+        assert sizes == [(10, 28, 30)]  # one slab, read whole (10 slices < 2 x depth 6)
+    finally:
+        method.tile_size = tile
+    assert method.window() == (6, 16, 16)

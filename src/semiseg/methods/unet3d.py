@@ -107,7 +107,7 @@ class UNet3DSparse(Method):
     Params = UNet3DParams
     spatial_dims = 3
     #: Prediction window ``(D, H, W)`` (the training patch; the engine sets it, model files keep
-    #: it). ``None`` uses ``(patch_depth, tile_size, tile_size)``.
+    #: it). ``None`` uses ``(patch_depth, tile_size, tile_size)``; see :meth:`window`.
     window_size: tuple[int, int, int] | None = None
 
     @classmethod
@@ -179,12 +179,13 @@ class UNet3DSparse(Method):
         return {"labelled": max(1, batch_size // 4)}
 
     def window(self) -> tuple[int, int, int] | None:
-        """``(D, H, W)`` of prediction windows, or ``None`` to predict whole blocks."""
+        """``(D, H, W)`` of prediction windows, or ``None`` to predict whole slabs (when
+        ``tile_size`` is ``None``, as 2D methods then predict whole slices)."""
+        if not self.tile_size:
+            return None
         if self.window_size is not None:
             return tuple(int(s) for s in self.window_size)
-        if self.tile_size:
-            return (self.patch_depth, int(self.tile_size), int(self.tile_size))
-        return None
+        return (self.patch_depth, int(self.tile_size), int(self.tile_size))
 
     def training_step(self, batch):
         self.train_mode()
