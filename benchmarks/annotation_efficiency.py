@@ -17,6 +17,12 @@ Every method, fixed CPU budget (process time, fair on a shared machine)::
 
     python benchmarks/annotation_efficiency.py --report
 
+2.5D input: ``--context 1`` gives the networks each slice's two neighbours as extra channels
+(``TrainConfig.context``)::
+
+    python benchmarks/annotation_efficiency.py --methods supervised --samples phantom --k 5 \
+        --minutes 3 --clock process --threads 1 --context 1
+
 Upper bound: ``--every-slice-labelled`` trains on the truth of *every* slice (the slices it is
 scored on included) and scores the same slices as a run with K annotated slices. No method that
 sees only K annotated slices should beat it at the same budget, so it bounds what any
@@ -89,7 +95,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
         batch_size=args.batch_size, crop=args.crop if sample_kind == "phantom" else min(args.crop, 48),
-        anneal=args.anneal,
+        anneal=args.anneal, context=args.context,
     )
     tags = sample.tags if args.tags else None
     # The upper bound trains on the full truth but is scored on the slices the K-slice run leaves
@@ -121,7 +127,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
         "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
         "every_slice_labelled": bool(args.every_slice_labelled), "placement": args.placement,
-        "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
+        "context": args.context, "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -160,6 +166,8 @@ def variant(row: dict) -> str:
         extra.append("every slice labelled")
     if row.get("placement", "even") != "even":
         extra.append(f"{row['placement']} slices")
+    if row.get("context"):
+        extra.append(f"context {row['context']}")
     return row["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -312,6 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--anneal", type=float, default=0.0,
                    help="share of the budget over which the learning rate falls to 0 (TrainConfig.anneal)")
+    p.add_argument("--context", type=int, default=0,
+                   help="neighbouring slices on each side as extra channels (TrainConfig.context)")
     p.add_argument("--no-tags", dest="tags", action="store_false", help="hide weak tags from methods")
     p.add_argument("--every-slice-labelled", action="store_true",
                    help="upper bound: train on the truth of every slice, score the slices a K-slice run leaves")

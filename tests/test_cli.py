@@ -98,6 +98,29 @@ def test_train_with_weak_tags_and_continue(sample_dir, model_path, tmp_path, cap
     assert len(semiseg.load_model(out).history) == 2
 
 
+def test_context_option_and_continuing(sample_dir, tmp_path, capsys):
+    import semiseg
+
+    image, labels = str(sample_dir / "image.tif"), str(sample_dir / "labels.tif")
+    first = tmp_path / "ctx.pt"
+    assert main(["train", image, labels, "-o", str(first), "--context", "1", *TINY]) == 0
+    assert semiseg.load_model(first).context == 1
+    # Continuing without --context keeps the model's; another context is refused in one line.
+    again = tmp_path / "again.pt"
+    assert main(["train", image, labels, "-o", str(again), "--continue-from", str(first), *TINY]) == 0
+    assert semiseg.load_model(again).context == 1
+    capsys.readouterr()
+    code = main(["train", image, labels, "-o", str(tmp_path / "no.pt"), "--continue-from", str(first),
+                 "--context", "2", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "trained with context 1, not 2" in err
+    assert not (tmp_path / "no.pt").exists()
+    mask = tmp_path / "mask.tif"
+    assert main(["predict", str(first), image, "-o", str(mask)]) == 0
+    assert read_volume(mask).shape == (8, 32, 36)
+
+
 def test_train_anneal_option_reaches_the_config(sample_dir, tmp_path):
     import semiseg
     from semiseg.engine import TrainConfig
@@ -146,6 +169,8 @@ def _bad(tmp_path, name, data):
         ("method", "unknown method"),
         ("param", "unknown parameter"),
         ("patch_depth", "patch_depth 9 exceeds the 8 slices"),
+        ("context", "context 8 needs at least 9 slices"),
+        ("negative-context", "context must be an integer >= 0"),
     ],
 )
 def test_train_bad_input(tmp_path, sample_dir, case, message, capsys):
@@ -171,6 +196,10 @@ def test_train_bad_input(tmp_path, sample_dir, case, message, capsys):
         extra = ["--param", "bogus=1"]
     elif case == "patch_depth":  # a 3D patch deeper than the thin stack
         extra = ["--method", "unet3d", "--param", "patch_depth=9"]
+    elif case == "context":  # 8 slices: at most 7 neighbours to reflect
+        extra = ["--context", "8"]
+    elif case == "negative-context":
+        extra = ["--context", "-1"]
     before = {p: file_hash(p) for p in (image, labels) if os.path.exists(p)}
     out = tmp_path / "model.pt"
     code = main(["train", image, labels, "-o", str(out), *TINY, *extra])

@@ -368,6 +368,17 @@ def test_settings_make_the_job_and_never_hand_over_the_labels(tiny_phantom):
     assert job.tags is None and not job.uncertainty and not job.train
 
 
+def test_settings_context_and_a_continued_model_keeps_its_own(tiny_phantom, tiny_model):
+    s = tiny_phantom
+    image, labels = s.image[None], s.labels.copy()
+    settings = TrainSettings(context=2, crop=48)
+    assert make_job(settings, image, labels, None, train=True).config.context == 2
+    continued = dataclasses.replace(tiny_model, context=1)  # the current model's context wins
+    assert make_job(settings, image, labels, None, train=True, model=continued).config.context == 1
+    scratch = dataclasses.replace(settings, continue_model=False)
+    assert make_job(scratch, image, labels, None, train=True, model=continued).config.context == 2
+
+
 class _Layer:
     def __init__(self, name, data=None, metadata=None):
         self.name, self.data, self.metadata = name, data, metadata or {}

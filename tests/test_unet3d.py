@@ -388,3 +388,12 @@ def test_blank_rule_applies_to_3d_windows(phantom, trained):
     image[:3] = phantom.image[:3]
     res = predict_volume(trained, image, batch_size=2)
     assert not (res["probabilities"][0, :3] == 1).all()
+
+
+def test_unet3d_refuses_slice_context():
+    # Slice context (2.5D input channels) is for 2D methods: a 3D network sees the neighbours.
+    image, labels = _thin_stack()
+    with pytest.raises(InputError, match="takes no slice context") as err:
+        train(image, labels, method="unet3d", params=TINY3D,
+              config=TrainConfig(steps=1, crop=16, context=1), device="cpu")
+    assert "\n" not in str(err.value)

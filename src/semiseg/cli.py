@@ -28,6 +28,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=96, help="side of square training crops")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis of (Z, Y, X)")
+    p.add_argument(
+        "--context", type=int, metavar="N",
+        help="neighbouring slices on each side fed as extra channels (2.5D); "
+             "default: the continued model's, else TrainConfig's",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -184,6 +189,7 @@ def _train(image, labels, tags, args, model=None, planes=None):
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
         crop=args.crop, seed=args.seed, axis=args.axis, compile=args.compile,
         **({} if args.anneal is None else {"anneal": args.anneal}),
+        **_context_option(args, model),
     )
     gen = iter_train(
         image, labels, tags=tags, method=args.method, params=params or None, config=config,
@@ -195,6 +201,13 @@ def _train(image, labels, tags, args, model=None, planes=None):
     with _progress_bar(config.steps, f"train {args.method}") as update:
         update(first)
         return run(gen, update)
+
+
+def _context_option(args, model) -> dict:
+    """``TrainConfig`` keyword for ``--context``: given, the model's when continuing, or none."""
+    if args.context is not None:
+        return {"context": args.context}
+    return {} if model is None else {"context": model.context}
 
 
 def _predict(model, image, *, batch_size, outputs=(), probabilities=False):

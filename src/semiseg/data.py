@@ -32,8 +32,11 @@ __all__ = [
     "SlicePools",
     "SliceSampler",
     "as_channels",
+    "check_context",
+    "context_indices",
     "make_pools",
     "read_weak_csv",
+    "stack_context",
     "suggest_tags",
     "validate_labels",
     "write_weak_csv",
@@ -126,6 +129,76 @@ def validate_labels(labels, spatial_shape: tuple[int, ...]) -> np.ndarray:
     if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
         raise InputError("labels must be >= 0 (0 = background, 1..K = classes)")
     return arr
+
+
+# ----------------------------------------------------------------------------- 2.5D context
+def check_context(context, n_slices: int | None = None) -> int:
+    """Validate a context of ``context`` neighbours on each side; return it as an int.
+
+    Parameters
+    ----------
+    context : int
+        Neighbouring slices on each side of a slice that a network sees with it.
+    n_slices : int, optional
+        Slices along the slicing axis: reflection at the ends needs ``context <= n_slices - 1``.
+
+    Raises
+    ------
+    InputError
+        For a negative or non-integer context, or one the stack is too short for.
+    """
+    if isinstance(context, bool) or not isinstance(context, int | np.integer) or context < 0:
+        raise InputError(f"context must be an integer >= 0, got {context!r}")
+    context = int(context)
+    if n_slices is not None and context > n_slices - 1:
+        raise InputError(
+            f"context {context} needs at least {context + 1} slices along the slicing axis, "
+            f"the image has {n_slices}"
+        )
+    return context
+
+
+def context_indices(index, n_slices: int, context: int) -> np.ndarray:
+    """Slices a network sees for slice(s) ``index``: ``index - context .. index + context``,
+    reflected at the ends like numpy's ``"reflect"`` padding (-1 -> 1, ``n`` -> ``n - 2``).
+
+    Parameters
+    ----------
+    index : int or (B,) array of int
+    n_slices : int
+        Slices along the slicing axis (``context <= n_slices - 1``, see :func:`check_context`).
+    context : int
+
+    Returns
+    -------
+    (2 * context + 1,) or (B, 2 * context + 1) int64 ndarray
+        Neighbours in order, the slice itself in the middle.
+    """
+    j = np.asarray(index, dtype=np.int64)[..., None] + np.arange(-context, context + 1)
+    last = n_slices - 1
+    j = np.abs(j)
+    return np.where(j > last, 2 * last - j, j)
+
+
+def stack_context(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Stack neighbouring slices as channels.
+
+    Parameters
+    ----------
+    x : (S, C, H, W) ndarray
+        Normalised slices.
+    rows : (B, 2N + 1) int array
+        For each output slice, the rows of ``x`` holding its neighbours (see
+        :func:`context_indices`).
+
+    Returns
+    -------
+    (B, (2N + 1) * C, H, W) ndarray
+        Channels neighbour by neighbour: the C channels of slice ``i - N`` first, those of
+        ``i + N`` last.
+    """
+    rows = np.asarray(rows)
+    return x[rows].reshape(rows.shape[0], rows.shape[1] * x.shape[1], *x.shape[2:])
 
 
 # ----------------------------------------------------------------------------- weak tags
@@ -452,6 +525,10 @@ class SliceSampler:
         sampled lazily from zarr/dask.
     foreground_fraction : float
         Share of labelled crops centred near a labelled pixel.
+    context : int
+        Neighbouring slices on each side stacked as extra channels (2.5D input, reflected at
+        the volume's ends, see :func:`context_indices`); crops then have ``C * (2 context + 1)``
+        channels. The cache holds single slices, so neighbours are read once.
     """
 
     def __init__(
@@ -467,6 +544,7 @@ class SliceSampler:
         cache: bool = True,
         cache_bytes: int = 2**30,
         foreground_fraction: float = 0.33,
+        context: int = 0,
     ):
         self.image = image
         self.labels = labels
@@ -479,9 +557,18 @@ class SliceSampler:
         self._cache: OrderedDict[int, np.ndarray] | None = OrderedDict() if cache else None
         self.cache_bytes = int(cache_bytes)
         self._cached_bytes = 0
+        self.context = check_context(context, image.shape[axis + 1])
 
     def slice_image(self, i: int) -> np.ndarray:
-        """Normalised ``(C, H, W)`` float32 slice ``i``."""
+        """Normalised ``(C * (2 context + 1), H, W)`` float32 slice ``i`` with its context
+        (``(C, H, W)`` without)."""
+        if not self.context:
+            return self._single_slice(i)
+        rows = context_indices(i, self.image.shape[self.axis + 1], self.context)
+        return np.concatenate([self._single_slice(int(j)) for j in rows])
+
+    def _single_slice(self, i: int) -> np.ndarray:
+        """Normalised ``(C, H, W)`` float32 slice ``i``, through the cache."""
         if self._cache is not None and i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
@@ -537,7 +624,7 @@ class SliceSampler:
     def draw(self, rng: np.random.Generator, pool: np.ndarray, n: int, with_labels: bool):
         """Draw ``n`` crops from ``pool`` (with replacement); returns arrays."""
         picks = rng.choice(pool, size=n, replace=True)
-        c, size = self.image.shape[0], (self.crop, self.crop)
+        c, size = self.image.shape[0] * (2 * self.context + 1), (self.crop, self.crop)
         if n == 0:
             return picks, np.zeros((0, c, *size), np.float32), np.zeros((0, *size), np.int64)
         imgs, labs = [], []

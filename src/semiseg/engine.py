@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .data import Normaliser, SliceSampler, as_channels, make_pools, validate_labels
+from .data import Normaliser, SliceSampler, as_channels, check_context, make_pools, validate_labels
 from .device import resolve_device
 from .errors import InputError, PredictionError, TrainingError, first_line, is_out_of_memory
 from .inference import predict_normalised_slices, predict_normalised_volume
@@ -76,6 +76,11 @@ class TrainConfig:
         cosine (0 keeps them constant). The run's length is whichever of ``steps`` and
         ``minutes`` binds, so a time budget anneals too. Each call anneals anew: training on
         from a model starts again at the method's learning rate.
+    context : int
+        Neighbouring slices on each side fed with every slice as extra channels (2.5D input,
+        reflected at the volume's ends; see :func:`semiseg.data.context_indices`). It becomes a
+        property of the model: training on from a model needs the model's context. Needs at
+        least ``context + 1`` slices; methods that generate images take no context.
     """
 
     steps: int = 300
@@ -90,6 +95,7 @@ class TrainConfig:
     compile: bool | str = False
     cache_mb: float = 1024.0
     anneal: float = 0.0
+    context: int = 0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -106,6 +112,7 @@ class TrainConfig:
             raise InputError("cache_mb must be >= 0")
         if not 0 <= self.anneal <= 1:
             raise InputError("anneal must be between 0 and 1")
+        self.context = check_context(self.context)
 
 
 def lr_factor(done: float, anneal: float) -> float:
@@ -288,8 +295,10 @@ def _start_model(image, pools, config: TrainConfig, *, model, method, params, de
     Raises
     ------
     InputError
-        On an unreadable image, or a model that does not fit the image, labels or axis.
+        On an unreadable image, a context the image is too short for, or a model that does not
+        fit the image, labels, axis or context.
     """
+    context = check_context(config.context, image.shape[config.axis + 1])
     if model is not None:
         if model.in_channels != image.shape[0]:
             raise InputError(
@@ -301,6 +310,8 @@ def _start_model(image, pools, config: TrainConfig, *, model, method, params, de
             )
         if model.axis != config.axis:
             raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
+        if model.context != context:
+            raise InputError(f"model was trained with context {model.context}, not {context}")
         return model
     try:
         normaliser = Normaliser.fit(image)
@@ -310,10 +321,14 @@ def _start_model(image, pools, config: TrainConfig, *, model, method, params, de
         raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
     method_cls = get_method(method)
     if getattr(method_cls, "spatial_dims", 2) == 3:  # the patch and network fit the volume
+        if context:
+            raise InputError(f"method {method!r} sees 3D patches and takes no slice context (use context 0)")
         params = method_cls.resolve_params(params, tuple(image.shape[1:]), config.axis)
+    if context and (method_cls.outputs or method_cls.can_sample):
+        raise InputError(f"method {method!r} generates images and takes no slice context (use context 0)")
     num_classes = max(2, pools.num_classes)
-    net = method_cls(image.shape[0], num_classes, params=params, device=device, amp=amp)
-    return Model(net, normaliser, config.axis)
+    net = method_cls(image.shape[0] * (2 * context + 1), num_classes, params=params, device=device, amp=amp)
+    return Model(net, normaliser, config.axis, context=context)
 
 
 def sampler_planes(pools, axis: int) -> list[tuple[int, int]]:
@@ -342,6 +357,7 @@ def _make_sampler(image, labels, pools, model: Model, config: TrainConfig):
         )
     return SliceSampler(
         image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop, cache_bytes=cache_bytes,
+        context=model.context,
     )
 
 
@@ -459,7 +475,8 @@ def _compile_nets(method, backend: bool | str) -> None:
 
 
 def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:
-    """Predicted ``(H, W)`` mask of one normalised ``(C, H, W)`` slice."""
+    """Predicted ``(H, W)`` mask of one normalised ``(C * (2 context + 1), H, W)`` slice with
+    its context (:meth:`SliceSampler.slice_image`)."""
     return predict_normalised_slices(model.method, normalised[None], tile_size=model.tile_size)["mask"][0]
 
 

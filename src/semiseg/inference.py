@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import as_channels
+from .data import as_channels, check_context, context_indices, stack_context
 from .errors import InputError, PredictionError, first_line, is_out_of_memory
 from .methods.base import Method
 from .progress import Progress, run
@@ -69,6 +69,7 @@ __all__ = [
     "predict_slab",
     "predict_slab_3d",
     "predict_volume",
+    "read_slices",
     "slab_plan",
     "slab_slices",
     "window_starts",
@@ -347,11 +348,14 @@ def slab_slices(
 
     The working memory of a slab is per pixel: the raw slices (``itemsize`` bytes a channel),
     their normalised copy (4 bytes a channel), the class probabilities (4 bytes a class), the
-    mask and each extra output (4 bytes a channel).
+    mask and each extra output (4 bytes a channel); with slice context, also the stacked
+    neighbours (4 bytes a channel and neighbour; the halo's slices are not counted).
     """
     budget = SLAB_MEMORY if budget is None else budget
     c, k = model.in_channels, model.num_classes
     per_pixel = c * (itemsize + 4) + 4 * k + 4 * c * outputs + mask_dtype(k).itemsize
+    if model.context:  # each slice's normalised neighbours, stacked as channels
+        per_pixel += 4 * c * (2 * model.context + 1)
     per_slice = per_pixel * math.prod(int(d) for d in slice_shape)
     return int(max(1, min(batch_size, budget // max(1, per_slice))))
 
@@ -389,7 +393,9 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def predict_slab(model: Model, raw, outputs: Sequence[str] = (), *, where: str = "") -> dict[str, np.ndarray]:
+def predict_slab(
+    model: Model, raw, outputs: Sequence[str] = (), *, where: str = "", rows: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Predict a slab of raw slices: normalise, predict, check, bring outputs to image units.
 
     This is the one unit of work of streamed prediction (:func:`iter_predict_volume` and
@@ -400,11 +406,17 @@ def predict_slab(model: Model, raw, outputs: Sequence[str] = (), *, where: str =
     ----------
     model : Model
     raw : (B, C, H, W) array-like
-        Raw slices in image units (any numeric dtype).
+        Raw slices in image units (any numeric dtype); with slice context, ``(S, C, H, W)``:
+        the slices and their neighbours (:func:`read_slices`).
     outputs : sequence of str
         Extra method outputs.
     where : str
         Names the slices in error messages (e.g. ``"slices 8..15"``).
+    rows : (B, 2 context + 1) int array, optional
+        For a model with slice context (:attr:`Model.context`), the rows of ``raw`` each
+        predicted slice sees, itself in the middle (:func:`read_slices`); the normalised rows
+        are stacked as channels (:func:`semiseg.data.stack_context`). None: ``raw`` is the
+        ``B`` slices themselves.
 
     Returns
     -------
@@ -421,6 +433,8 @@ def predict_slab(model: Model, raw, outputs: Sequence[str] = (), *, where: str =
     """
     method = model.method
     x = normalise_slices(model.normaliser, raw)
+    if rows is not None:
+        x = stack_context(x, rows)  # (B, C * (2 context + 1), H, W)
     pred = predict_normalised_slices(method, x, outputs, tile_size=model.tile_size)
     del x
     for b in range(len(pred["probabilities"])):  # one slice at a time: no (B, K, H, W) bools
@@ -567,7 +581,40 @@ def check_prediction_inputs(model: Model, image, outputs: Sequence[str], batch_s
         raise InputError(f"method {model.method.name!r} has no output(s) {unknown}; it offers {list(offered)}")
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
+    check_context(model.context, image.shape[model.axis + 1])
     return image, squeeze
+
+
+def read_slices(image, axis: int, start: int, stop: int, context: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read slices ``start..stop - 1`` and the neighbours their context needs.
+
+    Parameters
+    ----------
+    image : (C, Z, Y, X) array-like
+        Read once, as one contiguous range of slices along ``axis``.
+    axis : int
+        Spatial slicing axis.
+    start, stop : int
+    context : int
+        Neighbours on each side (reflected at the ends, :func:`semiseg.data.context_indices`).
+
+    Returns
+    -------
+    raw : (S, C, H, W) ndarray
+        The slices read, in the image's dtype (``S = stop - start`` without context).
+    rows : (stop - start, 2 context + 1) int ndarray or None
+        Rows of ``raw`` to stack for each slice (:func:`semiseg.data.stack_context`), after
+        normalisation; ``None`` without context.
+    """
+    rows, lo, hi = None, start, stop
+    if context:
+        rows = context_indices(np.arange(start, stop), image.shape[axis + 1], context)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        rows = rows - lo
+    idx = [slice(None)] * 4
+    idx[axis + 1] = slice(lo, hi)
+    raw = np.asarray(image[tuple(idx)])
+    return np.moveaxis(raw, axis + 1, 0), rows
 
 
 def iter_predict_volume(
@@ -637,21 +684,18 @@ def iter_predict_volume(
     s = 0
     while s < n:
         e = min(n, s + batch_size)
-        idx = [slice(None)] * 4
-        idx[axis + 1] = slice(s, e)
         try:
-            raw = np.asarray(image[tuple(idx)])
+            raw, rows = read_slices(image, axis, s, e, model.context)  # (B [+ halo], C, H, W)
         except MemoryError:
             raise PredictionError(f"not enough memory to read slices {s}..{e - 1}") from None
         except Exception as exc:  # corrupt chunks of lazy (zarr) images
             raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
-        x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
         try:
-            pred = predict_slab(model, x, outputs, where=f"slices {s}..{e - 1}")
+            pred = predict_slab(model, raw, outputs, where=f"slices {s}..{e - 1}", rows=rows)
         except (InputError, PredictionError):
             raise
         except Exception as exc:
-            del x, raw
+            del raw
             if not is_out_of_memory(exc):
                 raise PredictionError(
                     f"prediction failed at slices {s}..{e - 1}: {type(exc).__name__}: {first_line(exc)}"
@@ -666,7 +710,7 @@ def iter_predict_volume(
                 f"out of memory predicting one {h} x {w} slice on {method.device.type}; "
                 "use a model with smaller features, a device with more memory, or crop the image"
             ) from None
-        del x, raw
+        del raw
         _put(res["mask"], axis, s, e, pred.pop("mask"))
         if probabilities:
             _put(res["probabilities"], axis + 1, s, e, pred.pop("probabilities"))

@@ -6,11 +6,13 @@ model's slicing axis (every other axis in one piece), fewer when slices are larg
 network (:func:`semiseg.inference.predict_slab`); each of its results (mask, probabilities,
 outputs) is its own dask array, written to zarr with :func:`dask.array.store`, slab by slab.
 Networks are 2D: every slice is predicted on its own (whole, or in blended windows of the
-training crop inside the slice), so slabs need **no overlap** along the slicing axis (no halo,
-no seams between slabs). 3D methods (``spatial_dims == 3``) predict slabs of at least twice the
-window depth, each read with a halo of one window depth on both sides
-(:func:`semiseg.inference.volume_slab_plan`), and keep the slab's own slices
-(:func:`semiseg.inference.predict_slab_3d`), under the same lock.
+training crop inside the slice), so without slice context slabs need **no overlap** along the
+slicing axis (no halo, no seams between slabs). A model with a slice context of N
+(:attr:`semiseg.model.Model.context`) reads each slab with a halo of N slices on each side,
+reflected at the volume's ends, exactly the slices in-memory prediction reads. 3D methods
+(``spatial_dims == 3``, no slice context) predict slabs of at least twice the window depth, each
+read with a halo of one window depth on both sides (:func:`semiseg.inference.volume_slab_plan`),
+and keep the slab's own slices (:func:`semiseg.inference.predict_slab_3d`), under the same lock.
 
 Peak memory is bounded by the slab, not the volume: one slab is predicted at a time in each
 process (a lock; the other threads of the local scheduler read the next slab and write the last
@@ -153,17 +155,23 @@ def _set_eval(model: Model) -> dict[str, bool]:
 _PREDICT_LOCK = threading.Lock()
 
 
-def _predict_slab(block, handle, *, axis, outputs):
+def _predict_slab(block, handle, *, axis, outputs, context=0):
     """Predict one slab ``(C, ...)`` whose slicing axis is ``axis + 1``.
+
+    With ``context`` N the block carries a halo of N slices on each side (already reflected at
+    the volume's ends), and its ``B`` central slices are predicted.
 
     Returns a dict of ``mask`` (...), ``probabilities`` (K, ...) and each output (C, ...),
     with the slab's axes.
     """
     with _PREDICT_LOCK:
         model = handle.get()
-        x = np.moveaxis(np.asarray(block), axis + 1, 0)  # (B, C, H, W)
+        x = np.moveaxis(np.asarray(block), axis + 1, 0)  # (B + 2 context, C, H, W)
         del block
-        pred = predict_slab(model, x, outputs)
+        rows = None
+        if context:  # slice i of the slab sees rows i .. i + 2 context of the block
+            rows = np.arange(x.shape[0] - 2 * context)[:, None] + np.arange(2 * context + 1)
+        pred = predict_slab(model, x, outputs, rows=rows)
         del x
         release_free_memory()
     res = {"mask": np.moveaxis(pred.pop("mask"), 0, axis)}
@@ -235,7 +243,6 @@ def lazy_predict(
     import dask
     import dask.array as da
 
-
     image, squeeze = check_prediction_inputs(model, image, outputs, batch_size)
     if not isinstance(image, da.Array):
         chunks = getattr(image, "chunks", None)
@@ -251,6 +258,9 @@ def lazy_predict(
     slab = [-1] * 4
     slab[axis + 1] = size
     image = image.rechunk(tuple(slab))
+    out_chunks = image.chunks
+    if model.context:  # each slab is read with its neighbours (see _predict_slab)
+        image = _with_halo(image, axis + 1, model.context)
     handle = dask.delayed(ModelHandle(model, device), name=f"semiseg-model-{uuid.uuid4().hex}")
     uid = uuid.uuid4().hex
     wanted = ["mask", *(["probabilities"] if probabilities else []), *outputs]
@@ -258,11 +268,12 @@ def lazy_predict(
     blocks = image.to_delayed().reshape(-1)
     parts: dict[str, list] = {key: [] for key in wanted}
     for j, block in enumerate(blocks):
-        n_j = image.chunks[axis + 1][j]
+        n_j = out_chunks[axis + 1][j]
         spatial = list(image.shape[1:])
         spatial[axis] = n_j
         res = dask.delayed(_predict_slab, pure=False)(
-            block, handle, axis=axis, outputs=tuple(outputs), dask_key_name=f"semiseg-predict-{uid}-{j}"
+            block, handle, axis=axis, outputs=tuple(outputs), context=model.context,
+            dask_key_name=f"semiseg-predict-{uid}-{j}"
         )
         for key in wanted:
             shape = spatial if key == "mask" else [k if key == "probabilities" else c, *spatial]
@@ -306,6 +317,26 @@ def _lazy_predict_3d(model: Model, image, *, batch_size: int, probabilities: boo
             item = dask.delayed(_take, pure=True)(res, key, dask_key_name=f"semiseg-take-{key}-{uid}-{j}")
             parts[key].append(da.from_delayed(item, shape=tuple(full), dtype=dtypes[key]))
     return {key: da.concatenate(parts[key], axis=axis if key == "mask" else axis + 1) for key in wanted}
+
+
+def _with_halo(slabs, ax: int, context: int):
+    """``slabs`` (one chunk per slab along axis ``ax``) with every chunk widened by ``context``
+    slices on each side, taken from the volume reflected at its ends (numpy's ``"reflect"``)."""
+    import dask.array as da
+
+    n = slabs.shape[ax]
+    head = slabs[(slice(None),) * ax + (slice(context, 0, -1),)]  # slices N..1
+    stop = n - 2 - context  # -1 would wrap round: None reads down to slice 0
+    tail = slabs[(slice(None),) * ax + (slice(n - 2, stop if stop >= 0 else None, -1),)]
+    padded = da.concatenate([head, slabs, tail], axis=ax)
+    pieces, sizes, s = [], [], 0
+    for size in slabs.chunks[ax]:
+        pieces.append(padded[(slice(None),) * ax + (slice(s, s + size + 2 * context),)])
+        sizes.append(size + 2 * context)
+        s += size
+    chunks = list(slabs.chunks)
+    chunks[ax] = tuple(sizes)
+    return da.concatenate(pieces, axis=ax).rechunk(tuple(chunks))
 
 
 # ----------------------------------------------------------------------------- schedulers

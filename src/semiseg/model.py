@@ -34,7 +34,8 @@ FORMAT_VERSION = 1
 class Model:
     """A method instance plus what prediction needs to match training.
 
-    The model owns the prediction settings (``normaliser``, ``axis``, ``tile_size``): training
+    The model owns the prediction settings (``normaliser``, ``axis``, ``tile_size``,
+    ``context``): training
     sets them, model files keep them (:meth:`config`, :meth:`load`) and prediction
     (:mod:`semiseg.inference`, :mod:`semiseg.lazy`, :mod:`semiseg.suggest`) reads them from
     here. A new setting is one more field with a default, written by :meth:`config` under its
@@ -57,6 +58,10 @@ class Model:
         3D methods (``spatial_dims == 3``): the window prediction slides over a slab (the
         training patch: depth along ``axis``, then the crop); ``None`` uses
         ``(patch_depth, tile_size, tile_size)``. See :meth:`volume_window`.
+    context : int
+        Neighbouring slices on each side that the network sees with every slice (2.5D input,
+        :func:`semiseg.data.context_indices`): its networks take ``in_channels * (2 context + 1)``
+        channels. Fixed once trained; files written before it was stored load with 0.
     """
 
     method: Method
@@ -65,10 +70,12 @@ class Model:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tile_size: int | None = None
     window_size: tuple[int, int, int] | None = None
+    context: int = 0
 
     @property
     def in_channels(self) -> int:
-        return self.method.in_channels
+        """Channels of the image (the network takes ``in_channels * (2 context + 1)``)."""
+        return self.method.in_channels // (2 * self.context + 1)
 
     @property
     def num_classes(self) -> int:
@@ -88,13 +95,14 @@ class Model:
         return {
             "method": self.method.name,
             "params": _jsonable(dataclasses.asdict(self.method.params)),
-            "in_channels": self.in_channels,
+            "in_channels": self.method.in_channels,
             "num_classes": self.num_classes,
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
             "tile_size": self.tile_size,
             # 3D methods: the (D, H, W) prediction window (absent from older files).
             "window_size": None if self.window_size is None else [int(w) for w in self.window_size],
+            "context": self.context,
             "history": self.history,
         }
 
@@ -187,6 +195,7 @@ def _prediction_settings(cfg: dict) -> dict[str, Any]:
         "axis": cfg["axis"],
         "tile_size": _tile_size(cfg),
         "window_size": _window_size(cfg),
+        "context": _context(cfg),
     }
 
 
@@ -213,3 +222,13 @@ def _tile_size(cfg: dict) -> int | None:
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8:
         raise ValueError(f"tile_size must be an integer >= 8, got {tile!r}")
     return tile
+
+
+def _context(cfg: dict) -> int:
+    """Slice context of a saved model; files written before it was stored have none (0)."""
+    context = cfg.get("context", 0)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"context must be an integer >= 0, got {context!r}")
+    if cfg["in_channels"] % (2 * context + 1):
+        raise ValueError(f"{cfg['in_channels']} network channels do not fit context {context}")
+    return context

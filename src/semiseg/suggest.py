@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .data import HEALTHY, _check_tags, as_channels, validate_labels
+from .data import HEALTHY, _check_tags, as_channels, check_context, stack_context, validate_labels
 from .errors import InputError
-from .inference import apply_in_windows, apply_to_slices, volume_slab_plan
+from .inference import apply_in_windows, apply_to_slices, read_slices, volume_slab_plan
 from .methods.base import Method, predictive_entropy
 from .model import Model
 from .progress import Progress, run
@@ -447,6 +447,7 @@ def iter_uncertainty(
         raise InputError("batch_size must be at least 1")
     slice_scores(np.zeros((1, 1, 1)), np.ones((1, 2, 1, 1)), threshold=threshold, margin=margin,
                  outside_weight=outside_weight)  # validate settings before any work
+    check_context(model.context, image.shape[model.axis + 1])
     axis = model.axis
     spatial = tuple(image.shape[1:])
     n = spatial[axis]
@@ -465,19 +466,16 @@ def iter_uncertainty(
     else:
         plan = [(s, min(n, s + batch_size), s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
     for s, e, rs, re in plan:
-        idx = [slice(None)] * 4
-        idx[axis + 1] = slice(rs, re)
-        raw = np.asarray(image[tuple(idx)], dtype=np.float32)
         if volumetric:
-            block = model.normaliser(np.moveaxis(raw, axis + 1, 1), channel_axis=0)[None]  # (1, C, D, H, W)
-            unc, probs = uncertainty_slices(method, block, tta=tta, tile_size=model.tile_size,
-                                            window=model.volume_window())
-            keep = slice(s - rs, e - rs)
-            unc, probs = unc[0, keep], np.moveaxis(probs[0][:, keep], 1, 0)
-            x = np.moveaxis(block[0][:, keep], 1, 0)  # (B, C, H, W)
+            unc, probs, x = _uncertainty_3d(model, image, s, e, rs, re, tta=tta)
         else:
-            x = model.normaliser(np.moveaxis(raw, axis + 1, 0), channel_axis=1)  # (B, C, H, W)
-            unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
+            raw, rows = read_slices(image, axis, s, e, model.context)
+            x = model.normaliser(raw, channel_axis=1)  # (B, C, H, W), or with the context's neighbours
+            if rows is not None:  # the network sees each slice with its context; descriptors do not
+                unc, probs = uncertainty_slices(method, stack_context(x, rows), tta=tta, tile_size=model.tile_size)
+                x = x[rows[:, model.context]]
+            else:
+                unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
         mass[s:e] = slice_scores(unc, probs, threshold=threshold, margin=margin, outside_weight=outside_weight)
         desc = slice_descriptors(x)
         if descriptors is None:
@@ -489,6 +487,21 @@ def iter_uncertainty(
         peak = max(peak, float(unc.max(initial=0.0)))
         yield Progress(e, n, {}, time.perf_counter() - start, phase="uncertainty")
     return UncertaintyResult(out, mass, axis, peak, descriptors)
+
+
+def _uncertainty_3d(model: Model, image, s: int, e: int, rs: int, re: int, *, tta: bool):
+    """Uncertainty ``(B, H, W)``, probabilities ``(B, K, H, W)`` and normalised slices
+    ``(B, C, H, W)`` of slab ``[s, e)`` of a 3D model, read with its halo ``[rs, re)`` and
+    predicted in the model's 3D windows (:func:`semiseg.inference.volume_slab_plan`)."""
+    axis = model.axis
+    idx = [slice(None)] * 4
+    idx[axis + 1] = slice(rs, re)
+    raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+    block = model.normaliser(np.moveaxis(raw, axis + 1, 1), channel_axis=0)[None]  # (1, C, D, H, W)
+    unc, probs = uncertainty_slices(model.method, block, tta=tta, tile_size=model.tile_size,
+                                    window=model.volume_window())
+    keep = slice(s - rs, e - rs)
+    return unc[0, keep], np.moveaxis(probs[0][:, keep], 1, 0), np.moveaxis(block[0][:, keep], 1, 0)
 
 
 def uncertainty_volume(model: Model, image, *, tta: bool = False, batch_size: int = 8) -> np.ndarray:

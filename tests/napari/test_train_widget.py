@@ -357,3 +357,21 @@ def test_form_reads_into_settings_and_layer_changes_keep_the_choice(make_napari_
         assert job.labels is not viewer.layers["phantom labels"].data
     finally:
         w.shutdown()
+
+
+def test_context_control_trains_a_context_model(qtbot, make_train_widget, run_and_wait, sample_viewer):
+    w = make_train_widget(sample_viewer, steps=2)
+    w.context_spin.setValue(1)
+    w.continue_check.setChecked(False)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model.context == 1 and w.model.method.in_channels == 3
+    assert sample_viewer.layers["phantom prediction"].data.shape == sample_viewer.layers["phantom labels"].data.shape
+    # Continuing keeps the model's context whatever the control shows; from scratch uses it.
+    w.context_spin.setValue(0)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model.context == 1 and w.model.method.step == 4
+    w.continue_check.setChecked(False)
+    run_and_wait(qtbot, w)
+    assert w.model.context == 0

@@ -53,6 +53,9 @@ class TrainSettings:
         The method's hyperparameters (``ParamsForm.values()``).
     steps, minutes, batch_size, crop, seed
         The budget (``minutes`` None: no time limit).
+    context : int
+        Neighbouring slices on each side the network sees with each slice
+        (:attr:`semiseg.TrainConfig.context`); a continued model keeps its own.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
     continue_model : bool
@@ -69,25 +72,29 @@ class TrainSettings:
     minutes: float | None = None
     batch_size: int = 8
     crop: int = 96
+    context: int = TrainConfig.context
     seed: int = 0
     device: str = "auto"
     continue_model: bool = True
     tta: bool = False
 
-    def config(self, preview_every: float = 2.0) -> TrainConfig:
-        """The training budget (a minutes value of 0 means no limit)."""
+    def config(self, preview_every: float = 2.0, model: Model | None = None) -> TrainConfig:
+        """The training budget (a minutes value of 0 means no limit); continuing ``model``
+        (the current one, when :attr:`continue_model`), its slice context."""
+        continued = model is not None and self.continue_model
         return TrainConfig(
             steps=self.steps,
             minutes=self.minutes or None,
             batch_size=self.batch_size,
             crop=self.crop,
+            context=model.context if continued else self.context,
             seed=self.seed,
             preview_every=preview_every,
         )
 
 
 def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=None, train: bool,
-             preview_every: float = 2.0) -> _jobs.TrainJob:
+             preview_every: float = 2.0, model: Model | None = None) -> _jobs.TrainJob:
     """The job ``settings`` describe (the session adds its folders).
 
     Parameters
@@ -102,6 +109,8 @@ def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=N
     planes : tuple of (axis, index) or None
         The slices painted in any plane (:mod:`semiseg.napari._planes`); None reads the
         annotated slices off the labels.
+    model : Model or None
+        The current model: continued (``settings.continue_model``), it keeps its slice context.
 
     Raises
     ------
@@ -123,7 +132,7 @@ def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=N
         planes=planes,
         method=settings.method,
         params=dict(settings.params),
-        config=settings.config(preview_every),
+        config=settings.config(preview_every, model),
         device=settings.device,
         train=train,
         # The suggestion list's pass runs in the worker too, not in the viewer's process.

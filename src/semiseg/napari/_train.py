@@ -234,7 +234,8 @@ class TrainWidget(QWidget):
         data, tags = (layer.data, get_tags(layer)) if layer is not None else (None, None)
         planes = planes_for_training(layer) if layer is not None else None
         return make_job(
-            self.form.settings(), image, data, tags, planes=planes, train=train, preview_every=self.preview_every
+            self.form.settings(), image, data, tags, planes=planes, train=train, preview_every=self.preview_every,
+            model=self.model,
         )
 
     def start_training(self) -> None:

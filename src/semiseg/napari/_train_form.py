@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import list_methods
+from .. import TrainConfig, list_methods
 from ._combo import narrow_combo
 from ._lossplot import LossPlot
 from ._params import ParamsForm
@@ -38,7 +38,7 @@ __all__ = ["WIDGETS", "TrainForm"]
 #: The form's widgets, by attribute name (the Train widget exposes each under the same name).
 WIDGETS = (
     "image_list", "labels_combo", "method_combo", "method_summary", "params",
-    "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "seed_spin", "device_combo",
+    "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "context_spin", "seed_spin", "device_combo",
     "device_label", "continue_check", "train_button", "predict_button", "stop_button",
     "progress", "status", "loss_plot", "accept_button", "undo_button", "range_from", "range_to",
     "accept_range_button", "samples_spin", "sample_button", "sample_row", "save_button",
@@ -124,6 +124,10 @@ class TrainForm:
         form.addRow("Batch size", self.batch_spin)
         self.crop_spin = _spin(16, 1024, 96, step=16)
         form.addRow("Crop", self.crop_spin)
+        self.context_spin = _spin(0, 8, TrainConfig.context)  # issue 16: 2.5D slice context
+        self.context_spin.setToolTip("Neighbouring slices on each side the network sees with each slice "
+                                     "(a continued model keeps its own)")
+        form.addRow("Context", self.context_spin)
         self.seed_spin = _spin(0, 2**31 - 1)
         form.addRow("Seed", self.seed_spin)
         self.device_combo = QComboBox()
@@ -201,6 +205,7 @@ class TrainForm:
             minutes=self.minutes_spin.value() or None,
             batch_size=self.batch_spin.value(),
             crop=self.crop_spin.value(),
+            context=self.context_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentText(),
             continue_model=self.continue_check.isChecked(),
