@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+import semiseg
 from semiseg.cli import main
 from semiseg.io import read_volume, write_volume
 
@@ -167,6 +168,7 @@ def _bad(tmp_path, name, data):
         ("nan", "NaN"),
         ("method", "unknown method"),
         ("param", "unknown parameter"),
+        ("patch_depth", "patch_depth 9 exceeds the 8 slices"),
         ("context", "context 8 needs at least 9 slices"),
         ("negative-context", "context must be an integer >= 0"),
     ],
@@ -192,6 +194,8 @@ def test_train_bad_input(tmp_path, sample_dir, case, message, capsys):
         extra = ["--method", "nope"]
     elif case == "param":
         extra = ["--param", "bogus=1"]
+    elif case == "patch_depth":  # a 3D patch deeper than the thin stack
+        extra = ["--method", "unet3d", "--param", "patch_depth=9"]
     elif case == "context":  # 8 slices: at most 7 neighbours to reflect
         extra = ["--context", "8"]
     elif case == "negative-context":
@@ -204,6 +208,20 @@ def test_train_bad_input(tmp_path, sample_dir, case, message, capsys):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert not out.exists()
     assert {p: file_hash(p) for p in before} == before
+
+
+def test_train_predict_unet3d(sample_dir, tmp_path, capsys):
+    model = tmp_path / "m3d.pt"
+    args = ["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(model)]
+    assert main([*args, "--method", "unet3d", *TINY]) == 0
+    assert semiseg.load_model(model).window_size == (8, 32, 32)
+    mask = tmp_path / "mask.tif"
+    assert main(["predict", str(model), str(sample_dir / "image.tif"), "-o", str(mask)]) == 0
+    assert read_volume(mask).shape == (8, 32, 36)
+    capsys.readouterr()
+    assert main(["methods", "--params"]) == 0
+    out = capsys.readouterr().out
+    assert "unet3d" in out and "patch_depth" in out and "spacing" in out
 
 
 def test_predict_unreadable_model(tmp_path, sample_dir, capsys):

@@ -20,7 +20,7 @@ from . import distributed
 from .data import Normaliser, SliceSampler, as_channels, check_context, make_pools, validate_labels
 from .device import resolve_device
 from .errors import InputError, PredictionError, TrainingError, first_line, is_out_of_memory
-from .inference import predict_normalised_slices
+from .inference import predict_normalised_slices, predict_normalised_volume
 from .methods import get_method
 from .methods.base import state_to_cpu
 from .model import Model
@@ -222,16 +222,22 @@ def iter_train(
     _reset_learning_rates(method_obj)
     # Predict as trained: in windows of the training crop (see Model.tile_size).
     model.tile_size = int(config.crop)
+    volumetric = getattr(method_obj, "spatial_dims", 2) == 3
+    if volumetric:  # and 3D methods in windows of the training patch (Model.volume_window)
+        depth = method_obj.patch_depth
+        if depth > image.shape[config.axis + 1]:
+            raise InputError(
+                f"patch depth {depth} of the model exceeds the {image.shape[config.axis + 1]} slices "
+                f"of the volume along axis {config.axis}"
+            )
+        model.window_size = (depth, int(config.crop), int(config.crop))
     if config.compile:
         _compile_nets(method_obj, config.compile)
     multi = distributed.is_active()
     if multi:  # identical start on every rank, averaged gradients, a sampling stream per rank
         distributed.broadcast_parameters(method_obj)
         torch.manual_seed(distributed.rank_seed(config.seed))
-    sampler = SliceSampler(
-        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop,
-        cache_bytes=int(config.cache_mb * 2**20), context=model.context,
-    )
+    sampler = _make_sampler(image, labels, pools, model, config)
     rng = np.random.default_rng(distributed.rank_seed(config.seed))
     needs = method_obj.batch_needs(config.batch_size)
     budget = _Budget(config, multi)
@@ -265,7 +271,10 @@ def iter_train(
                 if preview_index is not None and now - last_preview >= config.preview_every:
                     idx = preview_index()
                     if idx is not None:
-                        preview = preview_slice(model, sampler.slice_image(int(idx)))
+                        if volumetric:
+                            preview = preview_slab(model, sampler, int(idx))
+                        else:
+                            preview = preview_slice(model, sampler.slice_image(int(idx)))
                         last_preview = time.perf_counter()
                 if preview is not None or step % config.report_every == 0 or step == config.steps:
                     yield Progress(step, config.steps, dict(smoothed), now - start, preview=preview, preview_index=idx)
@@ -311,11 +320,45 @@ def _start_model(image, pools, config: TrainConfig, *, model, method, params, de
     except Exception as exc:  # corrupt chunks of lazy (zarr) images
         raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
     method_cls = get_method(method)
+    if getattr(method_cls, "spatial_dims", 2) == 3:  # the patch and network fit the volume
+        if context:
+            raise InputError(f"method {method!r} sees 3D patches and takes no slice context (use context 0)")
+        params = method_cls.resolve_params(params, tuple(image.shape[1:]), config.axis)
     if context and (method_cls.outputs or method_cls.can_sample):
         raise InputError(f"method {method!r} generates images and takes no slice context (use context 0)")
     num_classes = max(2, pools.num_classes)
     net = method_cls(image.shape[0] * (2 * context + 1), num_classes, params=params, device=device, amp=amp)
     return Model(net, normaliser, config.axis, context=context)
+
+
+def sampler_planes(pools, axis: int) -> list[tuple[int, int]]:
+    """The fully annotated planes a 3D method's loss covers (:mod:`semiseg.patches`).
+
+    The planes the user gave (``pools.planes``, any axis: an axial, coronal or sagittal slice
+    weights its own voxels), plus the annotated slices along the training axis (the painted
+    ones when no planes were given, and the healthy-tagged ones), sorted.
+    """
+    planes = {(int(axis), int(i)) for i in pools.annotated}
+    if pools.planes is not None:
+        planes |= {(int(a), int(i)) for a, i in pools.planes}
+    return sorted(planes)
+
+
+def _make_sampler(image, labels, pools, model: Model, config: TrainConfig):
+    """Training sampler: 2D crops from the slice pools, or for 3D methods ``(D, H, W)``
+    patches through the annotated planes (:class:`semiseg.patches.PatchSampler`)."""
+    cache_bytes = int(config.cache_mb * 2**20)
+    if getattr(model.method, "spatial_dims", 2) == 3:
+        from .patches import PatchSampler
+
+        return PatchSampler(
+            image, labels, sampler_planes(pools, config.axis), model.normaliser, axis=config.axis,
+            patch=model.window_size, cache_bytes=cache_bytes,
+        )
+    return SliceSampler(
+        image, labels, pools, model.normaliser, axis=config.axis, crop=config.crop, cache_bytes=cache_bytes,
+        context=model.context,
+    )
 
 
 class _Budget:
@@ -435,6 +478,18 @@ def preview_slice(model: Model, normalised: np.ndarray) -> np.ndarray:
     """Predicted ``(H, W)`` mask of one normalised ``(C * (2 context + 1), H, W)`` slice with
     its context (:meth:`SliceSampler.slice_image`)."""
     return predict_normalised_slices(model.method, normalised[None], tile_size=model.tile_size)["mask"][0]
+
+
+def preview_slab(model: Model, sampler, index: int) -> np.ndarray:
+    """Predicted ``(H, W)`` mask of slice ``index`` for a 3D method: a slab of window depth
+    around it (normalised slices from ``sampler.slice_image``) is predicted in 3D windows and
+    its slice ``index`` returned."""
+    n = sampler.labels.shape[0]
+    window = model.volume_window()
+    depth = min(n, window[0] if window else n)
+    lo = int(np.clip(index - depth // 2, 0, n - depth))
+    slab = np.stack([sampler.slice_image(i) for i in range(lo, lo + depth)], axis=1)
+    return predict_normalised_volume(model.method, slab[None], window=window)["mask"][0, index - lo]
 
 
 def train(image, labels, **kwargs) -> Model:

@@ -21,6 +21,13 @@ padded slice above or below the anatomy) carries no information; it is backgroun
 certainty (probability 1 for class 0), whatever the network would make of it. Instance
 normalisation turns such an input into zeros, and the convolutions' zero padding then draws a
 frame along its border.
+
+3D methods (``spatial_dims == 3``, e.g. ``unet3d``) predict ``(D, H, W)`` blocks: a volume goes
+in slabs along the model's axis (:func:`slab_plan`), each read with a halo of one window depth
+on both sides so that its windows see the context they saw in training, predicted in blended 3D
+windows (:meth:`~semiseg.model.Model.volume_window`, the same :mod:`semiseg.windows` scheme),
+with the same blank rule on every window and one slab in memory at a time
+(:func:`predict_slab_3d`).
 """
 
 from __future__ import annotations
@@ -34,11 +41,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .data import _pad_to, as_channels, check_context, context_indices, stack_context
+from .data import as_channels, check_context, context_indices, stack_context
 from .errors import InputError, PredictionError, first_line, is_out_of_memory
 from .methods.base import Method
 from .progress import Progress, run
-from .windows import WINDOW_OVERLAP, blend_windows, check_overlap, gaussian_window, window_starts
+from .windows import (
+    WINDOW_OVERLAP,
+    blend_windows,
+    check_overlap,
+    gaussian_window,
+    pad_spatial,
+    window_starts,
+)
 
 if TYPE_CHECKING:  # a Model predicts through this module (Model.predict)
     from .model import Model
@@ -46,13 +60,17 @@ if TYPE_CHECKING:  # a Model predicts through this module (Model.predict)
 
 __all__ = [
     "WINDOW_OVERLAP",
+    "apply_in_windows",
     "apply_to_slices",
     "gaussian_window",
     "iter_predict_volume",
     "predict_normalised_slices",
+    "predict_normalised_volume",
     "predict_slab",
+    "predict_slab_3d",
     "predict_volume",
     "read_slices",
+    "slab_plan",
     "slab_slices",
     "window_starts",
 ]
@@ -126,18 +144,61 @@ def apply_to_slices(
         On the method's device, cropped back to ``(H, W)``; window outputs are averaged with
         :func:`gaussian_window` weights.
     """
+    if getattr(method, "spatial_dims", 2) == 3:
+        raise InputError(f"method {method.name!r} predicts 3D blocks, not single slices")
     check_overlap(overlap)
     h, w = x.shape[-2:]
     tile = _window_size(method, tile_size, h, w)
+    return apply_in_windows(method, x, fn, None if tile is None else (tile, tile), overlap=overlap)
+
+
+def apply_in_windows(
+    method: Method,
+    x: np.ndarray,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    window: Sequence[int] | None,
+    *,
+    overlap: float = WINDOW_OVERLAP,
+) -> dict[str, torch.Tensor]:
+    """Apply a voxel-wise map ``fn`` to normalised 2D slices or 3D blocks, whole or in windows.
+
+    The one window implementation behind :func:`apply_to_slices` (2D) and
+    :func:`predict_normalised_volume` (3D), blending with :func:`semiseg.windows.blend_windows`.
+
+    Parameters
+    ----------
+    method : Method
+        Gives the device (and, for whole 2D slices, the size multiple).
+    x : (B, C, *S) float32 ndarray
+        ``S`` is ``(H, W)`` or ``(D, H, W)``.
+    fn : callable
+        Maps a ``(B, C, *s)`` tensor to a dict of ``(B, c, *s)`` tensors.
+    window : sequence of int or None
+        Window size over ``S``; ``None`` (or an input no larger than it along every axis)
+        applies ``fn`` to the whole input (2D slices padded to ``method.size_multiple``).
+    overlap : float
+        Share of a window overlapped by its neighbours.
+
+    Returns
+    -------
+    dict of (B, c, *S) float32 tensors
+        On the method's device; windows are blended with :func:`gaussian_window` weights and
+        sides shorter than the window are padded like training crops, then cropped back.
+    """
+    check_overlap(overlap)
+    spatial = x.shape[2:]
     with torch.no_grad():
-        if tile is None:
-            t, (rows, cols) = pad_to_multiple(method, x)
-            return {k: v[..., rows, cols].float() for k, v in fn(t).items()}
+        if window is None or all(s <= w for s, w in zip(spatial, window)):
+            if len(spatial) == 2:
+                t, (rows, cols) = pad_to_multiple(method, x)
+                return {k: v[..., rows, cols].float() for k, v in fn(t).items()}
+            t = method.to_tensor(np.ascontiguousarray(x, dtype=np.float32))
+            return {k: v.float() for k, v in fn(t).items()}
         # A side shorter than the window is padded like the training crops were.
-        ph, pw = max(0, tile - h), max(0, tile - w)
-        t = method.to_tensor(np.ascontiguousarray(_pad_to(x, (tile, tile)), dtype=np.float32))
-        rows, cols = slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w)
-        return {k: v[..., rows, cols] for k, v in blend_windows(t, fn, tile, overlap).items()}
+        padded, crop = pad_spatial(x, window)
+        t = method.to_tensor(np.ascontiguousarray(padded, dtype=np.float32))
+        del padded
+        return {k: v[(Ellipsis, *crop)] for k, v in blend_windows(t, fn, tuple(window), overlap).items()}
 
 
 def predict_normalised_slices(
@@ -177,8 +238,38 @@ def predict_normalised_slices(
     return out
 
 
+def predict_normalised_volume(
+    method: Method, x: np.ndarray, *, window: Sequence[int] | None
+) -> dict[str, np.ndarray]:
+    """Predict normalised 3D blocks with a 3D method, in blended windows of its training patch.
+
+    Parameters
+    ----------
+    method : Method
+        A method with ``spatial_dims == 3``.
+    x : (B, C, D, H, W) float32 ndarray
+        Normalised blocks of any size (sides shorter than the window are padded). A block or
+        window that is constant is background with certainty (see :func:`no_information`).
+    window : (D, H, W) sequence of int or None
+        The model's :meth:`~semiseg.model.Model.volume_window`; ``None``: each block whole.
+
+    Returns
+    -------
+    dict
+        ``mask`` (B, D, H, W) uint8 (int32 beyond 256 classes) and ``probabilities``
+        (B, K, D, H, W) float32.
+    """
+
+    def predict(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return no_information(t, {"probabilities": method.predict(t)["probabilities"]})
+
+    probs = apply_in_windows(method, x, predict, window)["probabilities"]
+    return {"probabilities": probs.cpu().numpy(), "mask": _argmax_classes(probs).cpu().numpy()}
+
+
 def constant_inputs(t: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: which of the ``(B, C, h, w)`` inputs are constant in every channel."""
+    """``(B,)`` bool: which of the ``(B, C, *s)`` inputs (slices, windows or 3D blocks) are
+    constant in every channel."""
     flat = t.flatten(2)
     return (flat.amax(2) == flat.amin(2)).all(1)
 
@@ -197,9 +288,9 @@ def no_information(
 
     Parameters
     ----------
-    t : (B, C, h, w) Tensor
+    t : (B, C, h, w) or (B, C, d, h, w) Tensor
         Normalised inputs, as given to ``method.predict``.
-    res : dict of (B, c, h, w) Tensor
+    res : dict of (B, c, h, w) or (B, c, d, h, w) Tensor
         ``probabilities`` and any extra outputs of ``method.predict(t)``.
     kinds : dict of str to str, optional
         ``method.outputs`` kinds of the extra outputs (``"difference"`` or an image kind).
@@ -358,6 +449,120 @@ def predict_slab(
     return pred
 
 
+def slab_plan(n: int, depth: int, batch_size: int = 8) -> list[tuple[int, int, int, int]]:
+    """Slabs that a 3D method predicts a volume in, along the training axis.
+
+    Each slab ``[s, e)`` holds ``max(batch_size, 2 * depth)`` slices and is read with a halo of
+    ``depth`` slices on both sides (clipped to the volume), so its windows see the context
+    they saw in training; only ``[s, e)`` of the result is kept.
+
+    Returns
+    -------
+    list of (s, e, read_start, read_end)
+    """
+    size = max(int(batch_size), 2 * int(depth), 1)
+    return [(s, min(n, s + size), max(0, s - depth), min(n, s + size + depth)) for s in range(0, n, size)]
+
+
+def volume_slab_plan(model: Model, spatial: Sequence[int], batch_size: int, *, itemsize: int = 4):
+    """:func:`slab_plan` of a 3D model for a volume of spatial shape ``(Z, Y, X)``: slabs of
+    ``batch_size`` slices (fewer when slices are large, :func:`slab_slices`), at least twice
+    the window depth, with a halo of one window depth. The one plan of
+    :func:`iter_predict_volume`, :mod:`semiseg.lazy` and :mod:`semiseg.suggest`, so their
+    results agree."""
+    axis = model.axis
+    plane = [d for i, d in enumerate(spatial) if i != axis]
+    window = model.volume_window()
+    depth = window[0] if window else model.method.patch_depth
+    size = slab_slices(model, plane, batch_size, itemsize=itemsize)
+    return slab_plan(int(spatial[axis]), depth, size)
+
+
+def predict_slab_3d(model: Model, raw, keep: tuple[int, int], *, where: str = "") -> dict[str, np.ndarray]:
+    """Predict a slab of raw slices (with its halo) with a 3D method and keep slices ``keep``.
+
+    The 3D counterpart of :func:`predict_slab`: normalise (one slice at a time), predict in
+    3D windows (:func:`predict_normalised_volume`, blank rule included), check, crop.
+
+    Parameters
+    ----------
+    model : Model
+    raw : (B, C, H, W) array-like
+        Raw slices along the model's axis (slab and halo), in image units.
+    keep : (int, int)
+        The slab's own slices ``[keep[0], keep[1])`` of ``raw``.
+    where : str
+        Names the slices in error messages.
+
+    Returns
+    -------
+    dict
+        ``mask`` (b, H, W) :func:`mask_dtype` and ``probabilities`` (b, K, H, W) float32, slices
+        first as :func:`predict_slab` returns them (``b = keep[1] - keep[0]``).
+
+    Raises
+    ------
+    InputError
+        When the slices hold NaN or Inf.
+    PredictionError
+        When the model yields non-finite values.
+    """
+    x = normalise_slices(model.normaliser, raw)  # (B, C, H, W)
+    block = np.ascontiguousarray(np.moveaxis(x, 0, 1))[None]  # (1, C, B, H, W)
+    del x
+    pred = predict_normalised_volume(model.method, block, window=model.volume_window())
+    del block
+    a, b = keep
+    probs = np.ascontiguousarray(np.moveaxis(pred.pop("probabilities")[0][:, a:b], 1, 0))
+    if not np.isfinite(probs).all():
+        on = f" on {where}" if where else ""
+        raise PredictionError(f"the model produced non-finite values{on}")
+    mask = pred.pop("mask")[0, a:b].astype(mask_dtype(model.num_classes), copy=False)
+    return {"mask": mask, "probabilities": probs}
+
+
+def _iter_predict_volume_3d(model: Model, image, res: dict, probabilities: bool, batch_size: int):
+    """The body of :func:`iter_predict_volume` for 3D methods: slab by slab
+    (:func:`volume_slab_plan`), each written out before the next is read."""
+    method, axis = model.method, model.axis
+    spatial = tuple(image.shape[1:])
+    n = spatial[axis]
+    itemsize = np.dtype(getattr(image, "dtype", np.float32)).itemsize
+    start = time.perf_counter()
+    yield Progress(0, n, {}, 0.0, phase="predict")
+    for s, e, rs, re in volume_slab_plan(model, spatial, batch_size, itemsize=itemsize):
+        idx = [slice(None)] * 4
+        idx[axis + 1] = slice(rs, re)
+        try:
+            raw = np.asarray(image[tuple(idx)])
+        except MemoryError:
+            raise PredictionError(f"not enough memory to read slices {rs}..{re - 1}") from None
+        except Exception as exc:  # corrupt chunks of lazy (zarr) images
+            raise InputError(f"cannot read the image: {type(exc).__name__}: {first_line(exc)}") from None
+        x = np.moveaxis(raw, axis + 1, 0)  # (B, C, H, W)
+        try:
+            pred = predict_slab_3d(model, x, (s - rs, e - rs), where=f"slices {s}..{e - 1}")
+        except (InputError, PredictionError):
+            raise
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise PredictionError(
+                    f"prediction failed at slices {s}..{e - 1}: {type(exc).__name__}: {first_line(exc)}"
+                ) from exc
+            raise PredictionError(
+                f"out of memory predicting 3D windows {model.volume_window()} on {method.device.type}; "
+                "use a smaller --crop, smaller features or a device with more memory"
+            ) from None
+        del x, raw
+        _put(res["mask"], axis, s, e, pred.pop("mask"))
+        if probabilities:
+            _put(res["probabilities"], axis + 1, s, e, pred.pop("probabilities"))
+        del pred
+        release_free_memory()
+        yield Progress(e, n, {}, time.perf_counter() - start, phase="predict")
+    return res
+
+
 def check_prediction_inputs(model: Model, image, outputs: Sequence[str], batch_size: int):
     """Validate prediction arguments; return ``(image as (C, Z, Y, X), was_3d)``.
 
@@ -472,6 +677,8 @@ def iter_predict_volume(
         res.setdefault("probabilities", np.zeros((k, *spatial), np.float32))
     for name in outputs:
         res.setdefault(name, np.zeros(image.shape, np.float32))
+    if getattr(method, "spatial_dims", 2) == 3:
+        return (yield from _iter_predict_volume_3d(model, image, res, probabilities, batch_size))
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="predict")
     s = 0

@@ -9,7 +9,10 @@ Networks are 2D: every slice is predicted on its own (whole, or in blended windo
 training crop inside the slice), so without slice context slabs need **no overlap** along the
 slicing axis (no halo, no seams between slabs). A model with a slice context of N
 (:attr:`semiseg.model.Model.context`) reads each slab with a halo of N slices on each side,
-reflected at the volume's ends, exactly the slices in-memory prediction reads.
+reflected at the volume's ends, exactly the slices in-memory prediction reads. 3D methods
+(``spatial_dims == 3``, no slice context) predict slabs of at least twice the window depth, each
+read with a halo of one window depth on both sides (:func:`semiseg.inference.volume_slab_plan`),
+and keep the slab's own slices (:func:`semiseg.inference.predict_slab_3d`), under the same lock.
 
 Peak memory is bounded by the slab, not the volume: one slab is predicted at a time in each
 process (a lock; the other threads of the local scheduler read the next slab and write the last
@@ -40,8 +43,10 @@ from .inference import (
     check_prediction_inputs,
     mask_dtype,
     predict_slab,
+    predict_slab_3d,
     release_free_memory,
     slab_slices,
+    volume_slab_plan,
 )
 from .io import _suffix, atomic_path
 from .methods.base import state_to_cpu
@@ -175,6 +180,22 @@ def _predict_slab(block, handle, *, axis, outputs, context=0):
     return res
 
 
+def _predict_slab_3d(block, handle, *, axis, keep):
+    """Predict one slab of a 3D method, read with its halo (``(C, ...)``, slicing axis
+    ``axis + 1``), and keep its slices ``keep``; returns a dict like :func:`_predict_slab`."""
+    with _PREDICT_LOCK:
+        model = handle.get()
+        x = np.moveaxis(np.asarray(block), axis + 1, 0)  # (B, C, H, W)
+        del block
+        pred = predict_slab_3d(model, x, keep)
+        del x
+        release_free_memory()
+    return {
+        "mask": np.moveaxis(pred.pop("mask"), 0, axis),
+        "probabilities": np.moveaxis(pred.pop("probabilities"), 0, axis + 1),
+    }
+
+
 def _take(res: dict, key: str):
     """One result of a slab (dask drops the slab's dict once every result is taken)."""
     return res[key]
@@ -226,6 +247,8 @@ def lazy_predict(
     if not isinstance(image, da.Array):
         chunks = getattr(image, "chunks", None)
         image = da.from_array(image, chunks=chunks if isinstance(chunks, tuple) else -1)
+    if getattr(model.method, "spatial_dims", 2) == 3:
+        return _lazy_predict_3d(model, image, batch_size=batch_size, probabilities=probabilities, device=device)
     axis = model.axis
     c = image.shape[0]
     k = model.num_classes
@@ -261,6 +284,39 @@ def lazy_predict(
         arr = da.concatenate(parts[key], axis=axis if key == "mask" else axis + 1)
         out[key] = arr[0] if squeeze and key in outputs else arr
     return out
+
+
+def _lazy_predict_3d(model: Model, image, *, batch_size: int, probabilities: bool, device: str) -> dict:
+    """:func:`lazy_predict` of a 3D method: one task per slab along the model's axis, each
+    reading its slices plus a halo of the window depth, so results equal
+    :func:`semiseg.inference.predict_volume` with the same ``batch_size`` (same plan:
+    :func:`semiseg.inference.volume_slab_plan`)."""
+    import dask
+    import dask.array as da
+
+    axis = model.axis
+    spatial = tuple(image.shape[1:])
+    k = model.num_classes
+    handle = dask.delayed(ModelHandle(model, device), name=f"semiseg-model-{uuid.uuid4().hex}")
+    uid = uuid.uuid4().hex
+    wanted = ["mask", *(["probabilities"] if probabilities else [])]
+    dtypes = {"mask": mask_dtype(k), "probabilities": np.dtype(np.float32)}
+    parts: dict[str, list] = {key: [] for key in wanted}
+    plan = volume_slab_plan(model, spatial, batch_size, itemsize=image.dtype.itemsize)
+    for j, (s, e, rs, re) in enumerate(plan):
+        idx = [slice(None)] * 4
+        idx[axis + 1] = slice(rs, re)
+        shape = list(spatial)
+        shape[axis] = e - s
+        res = dask.delayed(_predict_slab_3d, pure=False)(
+            image[tuple(idx)], handle, axis=axis, keep=(s - rs, e - rs),
+            dask_key_name=f"semiseg-predict-{uid}-{j}",
+        )
+        for key in wanted:
+            full = shape if key == "mask" else [k, *shape]
+            item = dask.delayed(_take, pure=True)(res, key, dask_key_name=f"semiseg-take-{key}-{uid}-{j}")
+            parts[key].append(da.from_delayed(item, shape=tuple(full), dtype=dtypes[key]))
+    return {key: da.concatenate(parts[key], axis=axis if key == "mask" else axis + 1) for key in wanted}
 
 
 def _with_halo(slabs, ax: int, context: int):

@@ -54,6 +54,10 @@ class Model:
         Side of the square windows prediction slides over slices larger than it (the
         training crop; see :meth:`~semiseg.methods.base.Method.prediction_window`); ``None``
         predicts every slice whole.
+    window_size : (D, H, W) tuple of int or None
+        3D methods (``spatial_dims == 3``): the window prediction slides over a slab (the
+        training patch: depth along ``axis``, then the crop); ``None`` uses
+        ``(patch_depth, tile_size, tile_size)``. See :meth:`volume_window`.
     context : int
         Neighbouring slices on each side that the network sees with every slice (2.5D input,
         :func:`semiseg.data.context_indices`): its networks take ``in_channels * (2 context + 1)``
@@ -65,6 +69,7 @@ class Model:
     axis: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tile_size: int | None = None
+    window_size: tuple[int, int, int] | None = None
     context: int = 0
 
     @property
@@ -76,6 +81,15 @@ class Model:
     def num_classes(self) -> int:
         return self.method.num_classes
 
+    def volume_window(self) -> tuple[int, int, int] | None:
+        """``(D, H, W)`` windows a 3D method predicts slabs in, or ``None`` to predict whole
+        slabs (``tile_size`` is ``None``, as 2D methods then predict whole slices)."""
+        if not self.tile_size:
+            return None
+        if self.window_size is not None:
+            return tuple(int(s) for s in self.window_size)
+        return (int(self.method.patch_depth), int(self.tile_size), int(self.tile_size))
+
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the weights)."""
         return {
@@ -86,6 +100,8 @@ class Model:
             "normaliser": self.normaliser.to_dict(),
             "axis": self.axis,
             "tile_size": self.tile_size,
+            # 3D methods: the (D, H, W) prediction window (absent from older files).
+            "window_size": None if self.window_size is None else [int(w) for w in self.window_size],
             "context": self.context,
             "history": self.history,
         }
@@ -178,8 +194,19 @@ def _prediction_settings(cfg: dict) -> dict[str, Any]:
         "normaliser": Normaliser.from_dict(cfg["normaliser"]),
         "axis": cfg["axis"],
         "tile_size": _tile_size(cfg),
+        "window_size": _window_size(cfg),
         "context": _context(cfg),
     }
+
+
+def _window_size(cfg: dict) -> tuple[int, int, int] | None:
+    """``(D, H, W)`` prediction window of a 3D model (``None``: absent, as in older files)."""
+    window = cfg.get("window_size")
+    if window is None:
+        return None
+    if len(window) != 3 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in window):
+        raise ValueError(f"window_size must be three integers >= 1, got {window!r}")
+    return tuple(window)
 
 
 def _tile_size(cfg: dict) -> int | None:

@@ -53,7 +53,7 @@ from scipy import ndimage as ndi
 
 from .data import HEALTHY, _check_tags, as_channels, check_context, stack_context, validate_labels
 from .errors import InputError
-from .inference import apply_to_slices, read_slices
+from .inference import apply_in_windows, apply_to_slices, read_slices, volume_slab_plan
 from .methods.base import Method, predictive_entropy
 from .model import Model
 from .progress import Progress, run
@@ -146,7 +146,12 @@ def _overrides_uncertainty(method: Method) -> bool:
 
 
 def uncertainty_slices(
-    method: Method, x: np.ndarray, *, tile_size: int | None, tta: bool = False
+    method: Method,
+    x: np.ndarray,
+    *,
+    tile_size: int | None,
+    tta: bool = False,
+    window: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Uncertainty and class probabilities of a stack of normalised slices.
 
@@ -155,7 +160,8 @@ def uncertainty_slices(
     method : Method
     x : (B, C, H, W) float32 ndarray
         Normalised slices of any size, predicted whole or in windows (see
-        :func:`semiseg.inference.apply_to_slices`).
+        :func:`semiseg.inference.apply_to_slices`); for a 3D method one ``(1, C, D, H, W)``
+        block, predicted in its 3D windows (the outputs then have that ``D`` axis too).
     tta : bool
         Average over the 8 flips/rotations (:data:`TTA_TRANSFORMS`), each mapped back by its
         inverse. With the default uncertainty this is the entropy of the averaged probabilities
@@ -163,6 +169,9 @@ def uncertainty_slices(
         ``uncertainty`` gets its maps averaged.
     tile_size : int or None
         Window side (the model's :attr:`~semiseg.model.Model.tile_size`; None: whole slices).
+    window : (D, H, W) sequence of int, optional
+        3D methods: the model's :meth:`~semiseg.model.Model.volume_window` (None: whole
+        blocks); ignored by 2D methods.
 
     Returns
     -------
@@ -186,7 +195,10 @@ def uncertainty_slices(
             out["uncertainty"] = (unc / len(transforms))[:, None]
         return out
 
-    res = apply_to_slices(method, x, maps, tile_size=tile_size)
+    if getattr(method, "spatial_dims", 2) == 3:  # x is (1, C, D, H, W): one block of a volume
+        res = apply_in_windows(method, x, maps, window)
+    else:
+        res = apply_to_slices(method, x, maps, tile_size=tile_size)
     probs = res["probabilities"]
     unc = res["uncertainty"][:, 0] if custom else predictive_entropy(probs)
     return unc.cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)
@@ -448,15 +460,22 @@ def iter_uncertainty(
     peak = 0.0
     start = time.perf_counter()
     yield Progress(0, n, {}, 0.0, phase="uncertainty")
-    for s in range(0, n, batch_size):
-        e = min(n, s + batch_size)
-        raw, rows = read_slices(image, axis, s, e, model.context)
-        x = model.normaliser(raw, channel_axis=1)  # (B, C, H, W), or with the context's neighbours
-        if rows is not None:  # the network sees each slice with its context; descriptors do not
-            unc, probs = uncertainty_slices(method, stack_context(x, rows), tta=tta, tile_size=model.tile_size)
-            x = x[rows[:, model.context]]
+    volumetric = getattr(method, "spatial_dims", 2) == 3
+    if volumetric:  # 3D methods: slabs with a halo of the window depth, as predict_volume
+        plan = volume_slab_plan(model, spatial, batch_size)
+    else:
+        plan = [(s, min(n, s + batch_size), s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    for s, e, rs, re in plan:
+        if volumetric:
+            unc, probs, x = _uncertainty_3d(model, image, s, e, rs, re, tta=tta)
         else:
-            unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
+            raw, rows = read_slices(image, axis, s, e, model.context)
+            x = model.normaliser(raw, channel_axis=1)  # (B, C, H, W), or with the context's neighbours
+            if rows is not None:  # the network sees each slice with its context; descriptors do not
+                unc, probs = uncertainty_slices(method, stack_context(x, rows), tta=tta, tile_size=model.tile_size)
+                x = x[rows[:, model.context]]
+            else:
+                unc, probs = uncertainty_slices(method, x, tta=tta, tile_size=model.tile_size)
         mass[s:e] = slice_scores(unc, probs, threshold=threshold, margin=margin, outside_weight=outside_weight)
         desc = slice_descriptors(x)
         if descriptors is None:
@@ -468,6 +487,21 @@ def iter_uncertainty(
         peak = max(peak, float(unc.max(initial=0.0)))
         yield Progress(e, n, {}, time.perf_counter() - start, phase="uncertainty")
     return UncertaintyResult(out, mass, axis, peak, descriptors)
+
+
+def _uncertainty_3d(model: Model, image, s: int, e: int, rs: int, re: int, *, tta: bool):
+    """Uncertainty ``(B, H, W)``, probabilities ``(B, K, H, W)`` and normalised slices
+    ``(B, C, H, W)`` of slab ``[s, e)`` of a 3D model, read with its halo ``[rs, re)`` and
+    predicted in the model's 3D windows (:func:`semiseg.inference.volume_slab_plan`)."""
+    axis = model.axis
+    idx = [slice(None)] * 4
+    idx[axis + 1] = slice(rs, re)
+    raw = np.asarray(image[tuple(idx)], dtype=np.float32)
+    block = model.normaliser(np.moveaxis(raw, axis + 1, 1), channel_axis=0)[None]  # (1, C, D, H, W)
+    unc, probs = uncertainty_slices(model.method, block, tta=tta, tile_size=model.tile_size,
+                                    window=model.volume_window())
+    keep = slice(s - rs, e - rs)
+    return unc[0, keep], np.moveaxis(probs[0][:, keep], 1, 0), np.moveaxis(block[0][:, keep], 1, 0)
 
 
 def uncertainty_volume(model: Model, image, *, tta: bool = False, batch_size: int = 8) -> np.ndarray:
