@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -10,6 +12,20 @@ import torch
 from semiseg.methods.base import Method
 
 TINY_PARAMS = {"features": (8, 16)}
+
+#: Top-level packages the headless library and the Qt-free shell modules must never load.
+GUI_PACKAGES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy")
+
+
+def gui_modules_loaded_by(imports: str, *, check: str = "True") -> subprocess.CompletedProcess:
+    """Run ``imports`` (Python statements) in a fresh interpreter and report every module of
+    :data:`GUI_PACKAGES` they loaded; exits 1 when any was loaded or ``check`` is false."""
+    code = (
+        f"import sys\n{imports}\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {GUI_PACKAGES!r})\n"
+        f"print(heavy)\nsys.exit(1 if heavy or not ({check}) else 0)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def array_hash(a) -> str:

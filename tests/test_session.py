@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,7 +31,7 @@ from semiseg.napari._settings import (
     suggestion_feed,
 )
 
-from ._util import TINY_PARAMS, array_hash
+from ._util import TINY_PARAMS, array_hash, gui_modules_loaded_by
 
 
 class StepRunner:
@@ -87,13 +85,7 @@ def session(tmp_path):
 
 
 def test_importing_the_session_loads_no_qt_or_napari():
-    code = (
-        "import sys, semiseg.napari._session; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt', 'vispy')); "
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = gui_modules_loaded_by("import semiseg.napari._session")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -335,13 +327,7 @@ def test_process_backend_same_events_and_its_job_folder_is_removed(tmp_path, tin
 
 # ---------------------------------------------------------------------- the form's decisions
 def test_importing_the_settings_loads_no_qt_or_napari():
-    code = (
-        "import sys, semiseg.napari._settings; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt', 'vispy')); "
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = gui_modules_loaded_by("import semiseg.napari._settings")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
