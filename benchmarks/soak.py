@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--method", default="supervised")
     ap.add_argument("--stop-after", type=int, default=10, help="loss points before pressing Stop")
-    ap.add_argument("--stop-key", default="dice", help="loss series counted for --stop-after")
+    ap.add_argument("--stop-key", default="dice_loss", help="loss series counted for --stop-after")
     ap.add_argument("--shape", type=int, nargs=3, default=(16, 64, 64))
     ap.add_argument("--features", type=int, nargs="+", default=(8, 16))
     ap.add_argument("--batch-size", type=int, default=2)

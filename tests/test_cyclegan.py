@@ -146,7 +146,7 @@ def test_training_step_finite_and_updates_all_networks():
     m = make()
     before = {k: [p.detach().clone() for p in n.parameters()] for k, n in m.nets.items()}
     losses = m.training_step(batch())
-    expected = {"ce", "dice", "gen_l2", "cycle_mask", "cycle_image", "adv_mask", "adv_image", "d_mask", "d_image"}
+    expected = {"ce", "dice_loss", "gen_l2", "cycle_mask", "cycle_image", "adv_mask", "adv_image", "d_mask", "d_image"}
     assert set(losses) == expected
     assert all(math.isfinite(v) for v in losses.values())
     for k, net in m.nets.items():

@@ -22,7 +22,7 @@ def test_progress_records(tiny_phantom, tiny_config):
     assert all(isinstance(r, Progress) for r in records)
     assert [r.step for r in records] == [0, 1, 2]
     assert records[-1].fraction == 1.0
-    assert set(records[-1].losses) == {"dice", "ce"}
+    assert set(records[-1].losses) == {"dice_loss", "ce"}
     assert all(np.isfinite(v) for v in records[-1].losses.values())
     assert records[-1].elapsed >= records[1].elapsed >= 0
     assert isinstance(model, semiseg.Model)
@@ -118,7 +118,7 @@ def test_non_finite_loss_restores_last_good_weights(tiny_phantom, monkeypatch):
         if calls["n"] == 1:
             model_ref["before"] = [p.detach().clone() for p in self.nets["seg"].parameters()]
         out = original(self, batch)
-        return {**out, "dice": float("nan")} if calls["n"] == 2 else out
+        return {**out, "dice_loss": float("nan")} if calls["n"] == 2 else out
 
     monkeypatch.setattr(cls, "training_step", flaky)
     with pytest.raises(TrainingError, match="non-finite"):
@@ -225,3 +225,37 @@ def test_anneal_follows_a_time_budget(tiny_phantom, monkeypatch):
 def test_bad_anneal_rejected():
     with pytest.raises(InputError, match="anneal"):
         TrainConfig(anneal=1.5)
+
+
+def _spy_progress(monkeypatch):
+    from semiseg.methods.supervised import Supervised
+
+    seen = []
+    original = Supervised.training_step
+
+    def spy(self, batch):
+        seen.append(self.progress)
+        return original(self, batch)
+
+    monkeypatch.setattr(Supervised, "training_step", spy)
+    return seen
+
+
+def test_method_progress_follows_a_step_budget(tiny_phantom, monkeypatch):
+    seen = _spy_progress(monkeypatch)
+    s = tiny_phantom
+    semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(steps=4, batch_size=2, crop=32))
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+def test_method_progress_follows_a_time_budget(tiny_phantom, monkeypatch):
+    from semiseg import engine
+
+    ticks = iter(range(0, 10**6, 15))  # 15 CPU-seconds per clock reading
+    monkeypatch.setattr(engine.time, "process_time", lambda: float(next(ticks)))
+    seen = _spy_progress(monkeypatch)
+    s = tiny_phantom
+    cfg = TrainConfig(steps=10**6, minutes=1, clock="process", batch_size=2, crop=32)
+    semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=cfg)
+    assert 1 <= len(seen) < 10
+    assert all(0 < a < b <= 1 for a, b in itertools.pairwise(seen))

@@ -61,10 +61,10 @@ def test_two_steps_finite_and_shapes(name):
 @pytest.mark.parametrize(
     ("name", "keys"),
     [
-        ("autoencoder", {"dice", "ce", "rec"}),
-        ("mean-teacher", {"dice", "ce", "consistency"}),
-        ("entropy-min", {"dice", "ce", "entropy"}),
-        ("mutual-info", {"dice", "ce", "mi", "reg"}),
+        ("autoencoder", {"dice_loss", "ce", "rec"}),
+        ("mean-teacher", {"dice_loss", "ce", "consistency"}),
+        ("entropy-min", {"dice_loss", "ce", "entropy"}),
+        ("mutual-info", {"dice_loss", "ce", "mi", "reg"}),
     ],
 )
 def test_named_losses(name, keys):

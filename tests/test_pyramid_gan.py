@@ -130,7 +130,7 @@ def test_registered():
 def test_training_runs_coarse_to_fine_and_freezes_coarse_levels():
     m = make()
     b = batch()
-    keys = {"d", "g_adv", "g_rec", "g_feat", "s_ce", "s_dice", "s_adv", "s_synth"}
+    keys = {"d", "g_adv", "g_rec", "g_feat", "s_ce", "s_dice_loss", "s_adv", "s_synth"}
     snapshot = None
     for step in range(6):
         lv = m.level

@@ -200,7 +200,7 @@ def test_errors_are_events_and_keep_the_previous_model(session, tiny_phantom, mo
     good = session.model
     from semiseg.methods.supervised import Supervised
 
-    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice": float("nan")})
+    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice_loss": float("nan")})
     session.train(_job(s), "scan")
     assert isinstance(session.last_error, TrainingError) and session.model is good
 

@@ -65,12 +65,12 @@ def test_truth_of_unannotated_voxels_changes_neither_loss_nor_gradient():
     def loss_and_grad(m):
         logits = base.clone().requires_grad_(True)
         terms = weighted_dice_ce(logits, m, weight)
-        (terms["dice"] + terms["ce"]).backward()
+        (terms["dice_loss"] + terms["ce"]).backward()
         return terms, logits.grad
 
     t1, g1 = loss_and_grad(mask)
     t2, g2 = loss_and_grad(other)
-    assert torch.equal(t1["dice"], t2["dice"]) and torch.equal(t1["ce"], t2["ce"])
+    assert torch.equal(t1["dice_loss"], t2["dice_loss"]) and torch.equal(t1["ce"], t2["ce"])
     assert torch.equal(g1, g2)
     assert float(g1.abs().sum()) > 0
     assert float(g1.abs().sum(1)[weight == 0].sum()) == 0  # none reaches unannotated voxels
@@ -88,7 +88,7 @@ def test_perfect_prediction_on_annotated_voxels_has_near_zero_loss():
     logits = 50 * (torch.nn.functional.one_hot(mask, 2).movedim(-1, 1).float() - 0.5)
     logits[:, :, 0] = -logits[:, :, 0]  # wrong everywhere off the annotated slice
     terms = weighted_dice_ce(logits, mask, weight)
-    assert float(terms["ce"]) < 1e-6 and float(terms["dice"]) < 1e-6
+    assert float(terms["ce"]) < 1e-6 and float(terms["dice_loss"]) < 1e-6
 
 
 # ----------------------------------------------------------------------------- net
@@ -196,7 +196,7 @@ def test_two_training_steps_and_registry(phantom, trained):
     m = trained.method
     assert m.name == "unet3d" and m.step == 2
     assert trained.window_size == (6, 16, 16) and m.params.patch_depth == 6
-    assert set(trained.history[-1]["losses"]) == {"dice", "ce"}
+    assert set(trained.history[-1]["losses"]) == {"dice_loss", "ce"}
 
 
 def _thin_stack():

@@ -251,8 +251,9 @@ def iter_train(
         with method_obj.synchronised(distributed.all_reduce_gradients if multi else None):
             while step < config.steps and not budget.spent() and not (should_stop is not None and should_stop()):
                 arrays = _sample(sampler, rng, needs)
+                method_obj.progress = min(1.0, budget.done(step))
                 if config.anneal:
-                    _scale_learning_rates(method_obj, lr_factor(budget.done(step), config.anneal))
+                    _scale_learning_rates(method_obj, lr_factor(method_obj.progress, config.anneal))
                 losses, needs = _guarded_step(
                     method_obj, arrays, good_state, step=step, needs=needs, config=config, device=dev, multi=multi
                 )

@@ -32,7 +32,7 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     # The user's labels stay on top of the overlays.
     assert viewer.layers.index(labels) > viewer.layers.index(pred)
     # Loss plot received the named losses.
-    assert set(w.loss_plot.series) == {"dice", "ce"}
+    assert set(w.loss_plot.series) == {"dice_loss", "ce"}
     assert labels_hash(labels) == before  # training never writes to the labels
     # The suggestion list got the job's own uncertainty pass (computed in the worker, not
     # again in the viewer's process).
@@ -54,7 +54,7 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
 def test_stop_ends_training_quickly(qtbot, make_train_widget, run_and_wait, labels_hash, sample_viewer):
     w = make_train_widget(sample_viewer, steps=100_000)
     w.train_button.click()
-    qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=60_000)
+    qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice_loss", [])) >= 2, timeout=60_000)
     w.stop_button.click()
     qtbot.waitUntil(lambda: w.phase != "train", timeout=5_000)  # Stop acts at the next step
     qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
@@ -136,7 +136,7 @@ def test_nan_loss_keeps_previous_model(qtbot, make_train_widget, run_and_wait, l
     w = make_train_widget(viewer, steps=2)
     run_and_wait(qtbot, w)
     good = w.model
-    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice": float("nan")})
+    monkeypatch.setattr(Supervised, "training_step", lambda self, batch: {"dice_loss": float("nan")})
     run_and_wait(qtbot, w)
     assert isinstance(w.last_error, TrainingError)
     assert w.model is good
@@ -150,7 +150,7 @@ def test_process_backend_trains_and_stops(qtbot, make_train_widget, run_and_wait
     w = make_train_widget(viewer, backend="process", steps=100_000)
     try:
         w.train_button.click()
-        qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice", [])) >= 2, timeout=90_000)
+        qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice_loss", [])) >= 2, timeout=90_000)
         w.stop_button.click()
         qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
         assert w.last_error is None, w.last_error

@@ -121,7 +121,7 @@ class Autoencoder(Supervised):
         target = x if p.reconstruct_labelled else x_u
         terms = self.supervised_loss(logits, batch["mask"])
         terms["rec"] = F.l1_loss(rec.float(), target.float())
-        loss = p.dice_weight * terms["dice"] + p.ce_weight * terms["ce"] + p.rec_weight * terms["rec"]
+        loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + p.rec_weight * terms["rec"]
         self.optimise(loss, self.opts["main"])
         return {k: v.item() for k, v in terms.items()}
 

@@ -160,6 +160,10 @@ class Method(abc.ABC):
         )
         self._scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.step = 0
+        #: Share of the current training run that is over, in [0, 1]: of its steps or of its
+        #: minutes, whichever binds (set by the engine before every step). Loss weights and
+        #: schedules follow it, so a run behaves the same under a step and a time budget.
+        self.progress = 0.0
         self._grad_sync: Callable[[torch.optim.Optimizer], None] | None = None
         self.nets: dict[str, nn.Module] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
@@ -167,6 +171,12 @@ class Method(abc.ABC):
         for key, net in self.nets.items():
             self.nets[key] = self._place(net)
         self.make_optimizers()
+
+    def warming_up(self, share: float) -> bool:
+        """Whether the run is still in its first ``share`` (of :attr:`progress`): a method with
+        a warm-up phase trains on its supervised loss alone until then, so its other losses
+        refine a model that already segments."""
+        return self.progress < share
 
     # ------------------------------------------------------------------ construction
     @classmethod

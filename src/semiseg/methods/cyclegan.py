@@ -174,7 +174,7 @@ class CycleGAN(Method):
         Returns
         -------
         terms : dict of str to Tensor
-            ``ce``, ``dice`` (Eq. 1), ``gen_l2`` (Eq. 3), ``cycle_mask`` (Eq. 7),
+            ``ce``, ``dice_loss`` (Eq. 1), ``gen_l2`` (Eq. 3), ``cycle_mask`` (Eq. 7),
             ``cycle_image`` (Eq. 6), ``adv_mask`` and ``adv_image`` (generator side of Eqs. 4, 5).
         fakes : dict of str to Tensor
             ``mask`` (softmax of unannotated images), ``image`` (images generated from real
@@ -197,7 +197,7 @@ class CycleGAN(Method):
             d_image = self.nets["disc_image"](x_fake)
         terms = {
             "ce": F.cross_entropy(logits_l.float(), y),
-            "dice": dice_loss(logits_l, y),
+            "dice_loss": dice_loss(logits_l, y),
             "gen_l2": F.mse_loss(x_fake.float(), x_l.float()),
             "cycle_mask": mask_cycle_loss(logits_cyc, y),
             "cycle_image": image_cycle_loss(x_rec, x_u),
@@ -212,7 +212,7 @@ class CycleGAN(Method):
         p = self.params
         return (
             p.ce_weight * terms["ce"]
-            + p.dice_weight * terms["dice"]
+            + p.dice_weight * terms["dice_loss"]
             + p.lambda_gen_image * terms["gen_l2"]
             + p.lambda_cycle_mask * terms["cycle_mask"]
             + p.lambda_cycle_image * terms["cycle_image"]

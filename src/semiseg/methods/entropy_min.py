@@ -74,6 +74,6 @@ class EntropyMin(Supervised):
         logits_l, logits_u = logits[: len(x_l)], logits[len(x_l) :]
         terms = self.supervised_loss(logits_l, batch["mask"])
         terms["entropy"] = pixel_entropy(torch.softmax(logits_u.float(), 1), normalise=True)
-        loss = p.dice_weight * terms["dice"] + p.ce_weight * terms["ce"] + w * terms["entropy"]
+        loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + w * terms["entropy"]
         self.optimise(loss, self.opts["seg"])
         return {k: v.item() for k, v in terms.items()}

@@ -118,12 +118,12 @@ class MeanTeacher(Supervised):
         w = self.consistency_weight()
         if w > 0:
             terms = self._consistency_step(x_l, batch["mask"], batch["unlabelled"])
-            loss = p.dice_weight * terms["dice"] + p.ce_weight * terms["ce"] + w * terms["consistency"]
+            loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + w * terms["consistency"]
         else:  # warm-up: supervised only
             with self.autocast():
                 logits = self.nets["seg"](x_l)
             terms = self.supervised_loss(logits, batch["mask"])
-            loss = p.dice_weight * terms["dice"] + p.ce_weight * terms["ce"]
+            loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"]
         self.optimise(loss, self.opts["seg"])
         decay = ema_decay(self.step + 1, p.ema_decay, warmup=p.ema_warmup)
         ema_update(self.nets["teacher"], self.nets["seg"], decay)

@@ -107,6 +107,6 @@ class MutualInfo(Supervised):
         terms = self.supervised_loss(logits_l, batch["mask"])
         terms.update(self.unsupervised_terms(p_u, p_t))
         unsup = -p.mi_weight * terms["mi"] + p.reg_weight * terms["reg"]
-        loss = p.dice_weight * terms["dice"] + p.ce_weight * terms["ce"] + lam * unsup
+        loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + lam * unsup
         self.optimise(loss, self.opts["seg"])
         return {k: v.item() for k, v in terms.items()}

@@ -346,7 +346,7 @@ class PyramidGAN(Method):
                 "g_rec": F.mse_loss(x_g.float(), x_l.float()),
                 "g_feat": feature_matching_loss(r_feats, g_feats),
                 "s_ce": _soft_ce(logits[:n], y_l),
-                "s_dice": dice_loss(logits[:n], y_l),
+                "s_dice_loss": dice_loss(logits[:n], y_l),
                 "s_adv": lsgan_g_loss(s_scores),
             }
             if warm and p.synth_ce_weight > 0:
@@ -362,7 +362,7 @@ class PyramidGAN(Method):
             )
             s_loss = (
                 p.ce_weight * terms["s_ce"]
-                + p.dice_weight * terms["s_dice"]
+                + p.dice_weight * terms["s_dice_loss"]
                 + p.seg_adv_weight * terms["s_adv"]
                 + p.synth_ce_weight * terms["s_synth"]
             )

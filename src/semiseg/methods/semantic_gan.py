@@ -352,7 +352,7 @@ class SemanticGAN(Method):
         return {
             "recon": self.reconstruction_loss(rec, x).mean(),
             "ce": F.cross_entropy(logits, lab_mask),
-            "dice": dice_loss(logits, lab_mask),
+            "dice_loss": dice_loss(logits, lab_mask),
         }
 
     # ------------------------------------------------------------------ training
@@ -400,7 +400,7 @@ class SemanticGAN(Method):
         if self.step >= p.encoder_start:
             set_requires_grad(gen, False)
             t = self.encoder_loss_terms(unl, lab_img, lab_mask)
-            loss = t["recon"] + p.ce_weight * t["ce"] + p.dice_weight * t["dice"]
+            loss = t["recon"] + p.ce_weight * t["ce"] + p.dice_weight * t["dice_loss"]
             self.optimise(loss, self.opts["enc"])
             out.update({f"e_{k}": v.item() for k, v in t.items()})
         for net in (gen, d_img, d_seg):

@@ -60,7 +60,7 @@ class Supervised(Method):
     def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dice and cross-entropy terms of ``logits`` against ``mask``."""
         return {
-            "dice": dice_loss(logits, mask),
+            "dice_loss": dice_loss(logits, mask),
             "ce": F.cross_entropy(logits.float(), mask),
         }
 
@@ -69,7 +69,7 @@ class Supervised(Method):
         with self.autocast():
             logits = self.nets["seg"](batch["labelled"])
         terms = self.supervised_loss(logits, batch["mask"])
-        loss = self.params.dice_weight * terms["dice"] + self.params.ce_weight * terms["ce"]
+        loss = self.params.dice_weight * terms["dice_loss"] + self.params.ce_weight * terms["ce"]
         self.optimise(loss, self.opts["seg"])
         return {k: v.item() for k, v in terms.items()}
 

@@ -67,7 +67,7 @@ def weighted_dice_ce(
     Returns
     -------
     dict
-        ``dice``: 1 - mean foreground soft Dice over the annotated voxels of the batch;
+        ``dice_loss``: 1 - mean foreground soft Dice over the annotated voxels of the batch;
         ``ce``: mean cross-entropy over them (0 when the batch has none).
     """
     weight = weight.float()
@@ -81,7 +81,7 @@ def weighted_dice_ce(
     inter = (probs * target * w).sum(dims)
     denom = (probs * w).sum(dims) + (target * w).sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
-    return {"dice": 1.0 - dice[1:].mean(), "ce": ce}
+    return {"dice_loss": 1.0 - dice[1:].mean(), "ce": ce}
 
 
 @register_method
@@ -182,7 +182,7 @@ class UNet3DSparse(Method):
         with self.autocast():
             logits = self.nets["seg"](batch["labelled"])
         terms = weighted_dice_ce(logits, batch["mask"], batch["weight"])
-        loss = self.params.dice_weight * terms["dice"] + self.params.ce_weight * terms["ce"]
+        loss = self.params.dice_weight * terms["dice_loss"] + self.params.ce_weight * terms["ce"]
         self.optimise(loss, self.opts["seg"])
         return {k: v.item() for k, v in terms.items()}
 
