@@ -94,7 +94,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k, placement=args.placement)
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
-        batch_size=args.batch_size, crop=args.crop if sample_kind in ("phantom", "nuclei") else min(args.crop, 48),
+        batch_size=args.batch_size, crop=args.crop if sample_kind != "digits" else min(args.crop, 48),
         anneal=args.anneal, context=args.context,
     )
     tags = sample.tags if args.tags else None
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "nuclei", "digits"])
+    p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "nuclei", "head", "digits"])
     p.add_argument("--k", nargs="+", type=int, default=[1, 3, 5])
     p.add_argument("--placement", choices=["even", "clustered", "random"], default="even",
                    help="where the K annotated slices lie among the structure-bearing slices")

@@ -95,7 +95,7 @@ def test_nuclei_are_seeded_scan_like_and_tagged_from_the_truth():
     assert a.image.shape == a.truth.shape == (12, 64, 72)
     assert a.image.dtype == np.uint16 and a.truth.dtype == np.uint8
     assert set(np.unique(a.truth)) == {0, 1}
-    has = a.truth.reshape(12, -1).any(1)
+    has = a.truth.reshape(16, -1).any(1)
     assert has.any() and not has[0] and not has[-1]  # the cell layer leaves top and bottom empty
     np.testing.assert_array_equal(a.tags, np.where(has, DISEASED, HEALTHY))
     assert len(a.annotated) == 3 and has[a.annotated].all()
@@ -124,3 +124,29 @@ def test_nuclei_are_anisotropic_bright_dimming_with_depth_and_vary_between_slice
     assert (a & b).sum() / (a | b).sum() < 0.8
     # Poisson-like noise: the background spread grows with the signal.
     assert img[s.truth == 0].std() > 3
+
+
+def test_head_is_seeded_mostly_air_and_the_brain_lies_inside_a_dark_skull():
+    a = semiseg.make_sample("head", seed=1, labelled=3, shape=(16, 64, 64))
+    b = semiseg.make_head(1, labelled=3, shape=(16, 64, 64))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.truth, b.truth)
+    assert not np.array_equal(a.image, semiseg.make_head(2, labelled=3, shape=(16, 64, 64)).image)
+    assert a.image.dtype == np.uint16 and set(np.unique(a.truth)) == {0, 1}
+    assert a.spacing == (4.0, 1.0, 1.0)
+    has = a.truth.reshape(16, -1).any(1)
+    assert has.any() and not has[-1]  # the last slices pass above the vertex
+    np.testing.assert_array_equal(a.tags, np.where(has, DISEASED, HEALTHY))
+    np.testing.assert_array_equal(a.labels[a.annotated], a.truth[a.annotated])
+    s = semiseg.make_head(0, labelled=5)
+    assert s.image.shape == (32, 224, 224)
+    img = s.image.astype(float)
+    assert 0.08 < s.truth.mean() < 0.25  # slices much larger than the brain: mostly not target
+    air = img < 0.05 * img.max()
+    assert air.mean() > 0.4 and img[air].std() > 0  # mostly air, and the air is noisy, not constant
+    # Around the brain lies the dark skull, then bright scalp: the edge is anatomy, not contrast.
+    from scipy import ndimage as ndi
+
+    brain = s.truth.astype(bool)
+    shell = ndi.binary_dilation(brain, iterations=6) & ~ndi.binary_dilation(brain, iterations=2)
+    assert np.median(img[shell]) < 0.5 * np.median(img[brain])

@@ -22,7 +22,7 @@ from .methods import get_method, list_methods
 from .metrics import dice_per_class
 from .model import Model, load_model
 from .progress import Progress, run
-from .synthetic import make_digits, make_nuclei, make_phantom, make_sample
+from .synthetic import make_digits, make_head, make_nuclei, make_phantom, make_sample
 
 __all__ = [
     "DISEASED",
@@ -44,6 +44,7 @@ __all__ = [
     "list_methods",
     "load_model",
     "make_digits",
+    "make_head",
     "make_nuclei",
     "make_phantom",
     "make_pools",

@@ -1,5 +1,5 @@
-"""Seeded synthetic samples: a scan-like tumour phantom, a fluorescence nuclei stack and the
-cluttered-digits task.
+"""Seeded synthetic samples: a scan-like tumour phantom, a fluorescence nuclei stack, an MRI-like
+head (brain extraction) and the cluttered-digits task.
 
 All return a :class:`Sample` with the image, the full ground truth, sparse labels (K annotated
 slices, as a user would paint them) and weak per-slice tags. Nothing is downloaded: the digits
@@ -16,7 +16,8 @@ from scipy import ndimage as ndi
 from .data import DISEASED, HEALTHY
 
 __all__ = [
-    "PLACEMENTS", "SAMPLE_KINDS", "Sample", "make_digits", "make_nuclei", "make_phantom", "make_sample", "sparse_labels",
+    "PLACEMENTS", "SAMPLE_KINDS", "Sample", "make_digits", "make_head", "make_nuclei", "make_phantom", "make_sample",
+    "sparse_labels",
 ]
 
 
@@ -52,7 +53,7 @@ class Sample:
 
 
 #: The sample kinds :func:`make_sample` knows (CLI and benchmark choices).
-SAMPLE_KINDS = ("phantom", "nuclei", "digits")
+SAMPLE_KINDS = ("phantom", "nuclei", "head", "digits")
 
 #: How annotated slices are placed among the candidates (see :func:`sparse_labels`).
 PLACEMENTS = ("even", "clustered", "random")
@@ -354,6 +355,105 @@ def make_nuclei(
     return Sample(image, truth, labels, tags, "nuclei", (sz, 1.0, 1.0))
 
 
+def make_head(
+    seed: int = 0,
+    *,
+    shape: tuple[int, int, int] = (32, 224, 224),
+    z_spacing: float = 4.0,
+    labelled: int = 5,
+    noise: float = 0.03,
+    placement: str = "even",
+) -> Sample:
+    """A T1-weighted-MRI-like head with thick slices; the target is the brain (skull stripping).
+
+    Unlike the phantom, each slice is much larger than a training crop and mostly air, and the
+    target is one large structure whose edge is defined by anatomy rather than by contrast:
+    bright scalp fat and grey muscle outside a dark skull, extra-axial CSF, a folded cortex of
+    grey matter around white matter, dark CSF-filled sulci and ventricles inside the brain (part
+    of the brain mask, as in brain-extraction masks). Partial-volume blur (wider across the thick
+    slices), a smooth bias field and Rician noise (the magnitude of complex Gaussian noise) make
+    the air textured, not constant. The stack runs from below the brain (neck and skull base
+    only) to just above the head (air only), so its end slices are healthy.
+
+    Parameters
+    ----------
+    seed : int
+        Everything is drawn from ``numpy.random.default_rng(seed)``.
+    shape : tuple of int
+        ``(Z, Y, X)``.
+    z_spacing : float
+        Slice spacing in in-plane pixels (the anisotropy; 4 is a clinical 4 mm axial series of
+        1 mm pixels).
+    labelled : int
+        Slices whose truth is copied into ``labels``.
+    noise : float
+        Rician noise level relative to white matter's intensity (about 0.7).
+    placement : {"even", "clustered", "random"}
+        Where the ``labelled`` slices lie (see :func:`sparse_labels`).
+
+    Returns
+    -------
+    Sample
+        ``truth`` is the brain mask (0/1); slices without brain are tagged healthy; ``spacing``
+        is ``(z_spacing, 1, 1)``.
+    """
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    sz = float(z_spacing)
+    # Physical coordinates (pixels) around the head's centre, which sits low in the stack so the
+    # first slices cut the skull base and the last ones pass above the vertex.
+    half = 0.5 * min(ny, nx)
+    ry, rx = half * rng.uniform(0.70, 0.78), half * rng.uniform(0.58, 0.64)
+    rz = max(ry, 0.45 * nz * sz)
+    zc = nz * sz * rng.uniform(0.36, 0.42)
+    z = (np.arange(nz, dtype=np.float32) * sz - zc)[:, None, None]
+    y = (np.arange(ny, dtype=np.float32) - ny / 2 + rng.uniform(-4, 4))[None, :, None]
+    x = (np.arange(nx, dtype=np.float32) - nx / 2 + rng.uniform(-4, 4))[None, None, :]
+    d = np.sqrt((z / rz) ** 2 + (y / ry) ** 2 + (x / rx) ** 2)  # 1 on the scalp's surface
+    rough = lambda sigma, scale: _smooth_noise(rng, shape, (sigma / sz, sigma, sigma), scale=scale)  # noqa: E731
+    d = d + rough(10, 0.02)
+    brain_edge = 0.82 + rough(6, 0.012)
+    # Below the brain (skull base, neck): no brain, only soft tissue inside the head's outline.
+    d_base = np.sqrt(((z - 0.35 * rz) / (0.95 * rz)) ** 2 + (y / ry) ** 2 + (x / rx) ** 2)
+    brain = (d < brain_edge) & (d_base < 1.0)  # rounded underside above the skull base
+    # Cortex: a folded band of grey matter over white matter; sulci are thin CSF ridges of a
+    # smooth noise field cutting into the band.
+    fold = rough(3, 1.0)
+    fold = fold / (fold.std() + 1e-6)
+    wm_edge = brain_edge - 0.10 - 0.05 * np.tanh(fold)
+    wm = brain & (d < wm_edge)
+    sulci = brain & ~wm & (np.abs(fold) < 0.15) & (d > brain_edge - 0.09)
+    # Ventricles: two ellipsoids beside the midline, above the centre.
+    vent = np.zeros(shape, bool)
+    for side in (-1, 1):
+        cy, cx, cz = rng.uniform(-0.05, 0.1) * ry, side * rng.uniform(0.08, 0.13) * rx, rng.uniform(0.0, 0.15) * rz
+        a = np.array([rng.uniform(0.25, 0.35) * ry, rng.uniform(0.05, 0.08) * rx, rng.uniform(0.12, 0.18) * rz])
+        vent |= ((y - cy) / a[0]) ** 2 + ((x - cx) / a[1]) ** 2 + ((z - cz) / a[2]) ** 2 < 1
+    vent &= wm
+    head = d < 1.0
+    img = np.zeros(shape, np.float32)
+    img[head] = 0.85  # scalp fat
+    img[head & (d < 0.965 - 0.03 * (np.abs(x) / rx) ** 4)] = 0.45  # muscle, thicker at the temples
+    img[head & (d < 0.93)] = 0.12  # skull
+    img[head & (d < 0.87)] = 0.16  # extra-axial CSF
+    neck = head & (d_base >= 1.0) & (d < 0.87)
+    img[neck] = 0.42 + 0.05 * np.tanh(fold[neck])  # soft tissue of the skull base
+    img[brain] = 0.47  # grey matter
+    img[wm] = 0.70
+    img[sulci | vent] = 0.16
+    img = img * (1 + rough(2, 0.03)) * np.where(head, 1.0, 0.0)
+    img = ndi.gaussian_filter(img, (0.6, 0.7, 0.7))
+    img = img * (1 + _smooth_noise(rng, shape, (40 / sz, 40, 40), scale=0.10))
+    sigma = noise * 0.7
+    img = np.sqrt((img + rng.normal(scale=sigma, size=shape)) ** 2 + rng.normal(scale=sigma, size=shape) ** 2)
+    image = np.clip(np.round(img * 1000), 0, 65535).astype(np.uint16)
+    truth = brain.astype(np.uint8)
+    has = truth.reshape(nz, -1).any(1)
+    tags = np.where(has, DISEASED, HEALTHY).astype(np.int8)
+    labels = sparse_labels(truth, labelled, placement=placement, seed=seed)
+    return Sample(image, truth, labels, tags, "head", (sz, 1.0, 1.0))
+
+
 def _digits():
     from sklearn.datasets import load_digits
 
@@ -449,11 +549,13 @@ def make_digits(
 
 
 def make_sample(kind: str = "phantom", seed: int = 0, labelled: int = 5, **kwargs) -> Sample:
-    """Make the named sample: ``phantom``, ``nuclei`` or ``digits`` (see :data:`SAMPLE_KINDS`)."""
+    """Make the named sample: ``phantom``, ``nuclei``, ``head`` or ``digits`` (see :data:`SAMPLE_KINDS`)."""
     if kind == "phantom":
         return make_phantom(seed, labelled=labelled, **kwargs)
     if kind == "nuclei":
         return make_nuclei(seed, labelled=labelled, **kwargs)
+    if kind == "head":
+        return make_head(seed, labelled=labelled, **kwargs)
     if kind == "digits":
         return make_digits(seed, labelled=labelled, **kwargs)
     raise ValueError(f"unknown sample kind {kind!r}; choose one of {', '.join(SAMPLE_KINDS)}")
