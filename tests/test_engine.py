@@ -259,3 +259,35 @@ def test_method_progress_follows_a_time_budget(tiny_phantom, monkeypatch):
     semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=cfg)
     assert 1 <= len(seen) < 10
     assert all(0 < a < b <= 1 for a, b in itertools.pairwise(seen))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dims", "expected"),
+    [((224, 224), 2, 160), ((128, 128), 2, 128), ((100, 300), 2, 96), ((40, 40), 2, 32), ((8, 8), 2, 16),
+     ((512, 512), 2, 160), ((224, 224), 3, 96)],
+)
+def test_auto_crop_covers_the_slice_up_to_a_cap(shape, dims, expected):
+    from semiseg.engine import auto_crop
+
+    assert auto_crop(shape, dims) == expected
+
+
+def test_default_crop_is_chosen_from_the_volume_and_kept_when_training_on(tiny_phantom):
+    s = tiny_phantom
+    h, w = s.image.shape[1:]
+    model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(steps=1, batch_size=2))
+    expected = min(h, w) // 16 * 16
+    assert model.tile_size == expected and model.history[-1]["config"]["crop"] == expected
+    # Along another axis the in-plane sides differ: the crop follows that axis's slices.
+    along_y = semiseg.train(s.image, s.labels, params=TINY_PARAMS,
+                            config=TrainConfig(steps=1, batch_size=2, axis=1))
+    assert along_y.tile_size == max(16, min(s.image.shape[0], w) // 16 * 16) == 16
+    # Training on keeps the model's own crop; an explicit crop still wins.
+    small = semiseg.train(s.image, s.labels, params=TINY_PARAMS, config=TrainConfig(steps=1, batch_size=2, crop=16))
+    again = semiseg.train(s.image, s.labels, model=small, config=TrainConfig(steps=1, batch_size=2))
+    assert again.tile_size == 16 and again.history[-1]["config"]["crop"] == 16
+
+
+def test_bad_crop_rejected():
+    with pytest.raises(InputError, match="crop"):
+        TrainConfig(crop=4)

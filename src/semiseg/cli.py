@@ -26,7 +26,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
     p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=96, help="side of square training crops")
+    p.add_argument("--crop", type=int, help="side of square training crops and prediction windows; default: "
+                   "the continued model's, else the slice's smaller side up to 160 (96 for 3D methods)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis of (Z, Y, X)")
     p.add_argument(
         "--context", type=int, metavar="N",

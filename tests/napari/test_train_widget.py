@@ -344,6 +344,11 @@ def test_form_reads_into_settings_and_layer_changes_keep_the_choice(make_napari_
         s = w.form.settings()
         assert (s.images, s.labels, s.steps, s.minutes, s.device) == (("phantom", "t2"), "phantom labels", 11, 1.5, "cpu")
         assert not s.continue_model and s.method == w.method_combo.currentText()
+        # Crop: "auto" by default (chosen from the volume by the engine), a number when set.
+        assert w.crop_spin.text() == "auto" and s.crop is None and s.config().crop is None
+        w.crop_spin.setValue(64)
+        assert w.form.settings().crop == 64
+        w.crop_spin.setValue(0)
         # A new layer (an overlay here) changes nothing checked and is never offered as input.
         viewer.add_image(np.zeros_like(phantom.image), name="phantom probability")
         viewer.add_labels(np.zeros_like(phantom.labels), name="phantom prediction")

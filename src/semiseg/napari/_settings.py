@@ -71,7 +71,7 @@ class TrainSettings:
     steps: int = 300
     minutes: float | None = None
     batch_size: int = 8
-    crop: int = 96
+    crop: int | None = TrainConfig.crop
     context: int = TrainConfig.context
     seed: int = 0
     device: str = "auto"

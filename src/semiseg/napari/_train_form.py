@@ -122,7 +122,10 @@ class TrainForm:
         form.addRow("Minutes", self.minutes_spin)
         self.batch_spin = _spin(1, 512, 8)
         form.addRow("Batch size", self.batch_spin)
-        self.crop_spin = _spin(16, 1024, 96, step=16)
+        self.crop_spin = _spin(0, 1024, 0, step=16)
+        self.crop_spin.setSpecialValueText("auto")  # 0: chosen from the volume (engine.auto_crop)
+        self.crop_spin.setToolTip("Side of the training crops and prediction windows; auto: the slice's "
+                                  "smaller side up to 160 (a continued model keeps its own)")
         form.addRow("Crop", self.crop_spin)
         self.context_spin = _spin(0, 8, TrainConfig.context)  # issue 16: 2.5D slice context
         self.context_spin.setToolTip("Neighbouring slices on each side the network sees with each slice "
@@ -204,7 +207,7 @@ class TrainForm:
             steps=self.steps_spin.value(),
             minutes=self.minutes_spin.value() or None,
             batch_size=self.batch_spin.value(),
-            crop=self.crop_spin.value(),
+            crop=self.crop_spin.value() or None,
             context=self.context_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentText(),
