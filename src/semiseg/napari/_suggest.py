@@ -144,15 +144,19 @@ class SuggestionList(QWidget):
         if self.labels_layer is labels_layer:
             return
         if self.labels_layer is not None:
-            for ev in (self.labels_layer.events.paint, self.labels_layer.events.data):
+            ev_ = self.labels_layer.events
+            for ev in (ev_.paint, ev_.data, ev_.metadata):
                 try:
                     ev.disconnect(self._labels_changed)
                 except (TypeError, ValueError, RuntimeError):
                     pass
         self.labels_layer = labels_layer
         if labels_layer is not None:
+            # Painting, Undo (the Train dock's, through _layers.undo_edit) and tagging (tags
+            # live in the metadata) re-rank the list.
             labels_layer.events.paint.connect(self._labels_changed)
             labels_layer.events.data.connect(self._labels_changed)
+            labels_layer.events.metadata.connect(self._labels_changed)
 
     def _labels_changed(self, event=None) -> None:
         if self.result is not None:

@@ -154,12 +154,16 @@ class TagWidget(QWidget):
             try:
                 self._watched.events.paint.disconnect(self._labels_changed)
                 self._watched.events.data.disconnect(self._labels_changed)
+                self._watched.events.metadata.disconnect(self._schedule)
             except (TypeError, ValueError, RuntimeError):
                 pass
         self._watched = self.labels_layer
         if self._watched is not None:
+            # paint also comes after the Train dock's Undo (_layers.undo_edit); metadata
+            # when another widget sets the tags.
             self._watched.events.paint.connect(self._labels_changed)
             self._watched.events.data.connect(self._labels_changed)
+            self._watched.events.metadata.connect(self._schedule)
         self._labels_changed()
 
     def _labels_changed(self, event=None):
