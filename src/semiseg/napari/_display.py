@@ -151,6 +151,17 @@ def show_progress(bar, status, loss_plot, p) -> None:
     loss_plot.flush()
 
 
+def show_idle(bar, text: str) -> None:
+    """The progress bar once a job is over: full with ``text`` ("done"), or empty ("failed").
+
+    Without this it kept the last record's format ("uncertainty 95/95 slices", or
+    "training 0/20" after an error).
+    """
+    bar.setRange(0, 1)
+    bar.setValue(1 if text == "done" else 0)
+    bar.setFormat(text)
+
+
 # ----------------------------------------------------------------------------- layers
 def _like(viewer, name):
     return viewer.layers[name] if name in viewer.layers else None
@@ -224,7 +235,9 @@ def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_
     def tidy():
         preview = f"{name} preview"
         if preview in viewer.layers:
-            viewer.layers[preview].visible = False
+            # A one-slice layer left hidden would be offered for export and confuse; the next
+            # run makes a new one (issue 20 item 3).
+            viewer.layers.remove(preview)
         # Keep the user's labels on top of the overlays so painting stays visible.
         labels = labels_layer()
         if labels is not None and created:

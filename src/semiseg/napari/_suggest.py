@@ -222,9 +222,11 @@ class SuggestionList(QWidget):
         else:  # computed here from numpy; a lazy map is never read whole just for its range
             u = np.asarray(u)
             top = float(u.max()) if u.size else 0.0
+        # Hidden and translucent: shown on top (additive) it washed out the prediction the
+        # user wants to see after a run (issue 20 item 3); the user shows it when needed.
         self.uncertainty_layer = upsert(
             self.viewer, f"{self.image_layer.name} uncertainty", u, "image", like=self.image_layer,
-            colormap="magma", blending="additive", opacity=0.7,
+            colormap="magma", blending="translucent", opacity=0.5, visible=False,
             contrast_limits=(0.0, max(top, 1e-6)),
         )
         self.uncertainty_layer.contrast_limits = (0.0, max(top, 1e-6))
