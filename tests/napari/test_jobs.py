@@ -177,6 +177,7 @@ def test_worker_exits_and_removes_its_folder_when_the_viewer_is_killed(tmp_path)
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
+    pid = None
     try:
         line = proc.stdout.readline().split()
         assert len(line) == 2, "the script did not start training"
@@ -206,3 +207,8 @@ def test_worker_exits_and_removes_its_folder_when_the_viewer_is_killed(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if pid is not None:  # never leave an orphan training behind, pass or fail
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
