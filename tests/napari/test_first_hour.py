@@ -246,3 +246,41 @@ def test_tags_set_by_a_widget_emit_the_metadata_event(sample_viewer):
     tags[0] = UNKNOWN
     set_tags(labels, tags)
     assert seen and labels.metadata[TAGS_KEY][0] == UNKNOWN
+
+
+# ----------------------------------------------------------------------------- item 4
+def test_train_is_usable_while_the_volume_is_predicted_after_stop(qtbot, make_train_widget, sample_viewer, monkeypatch):
+    """After Stop the volume is predicted in the background; Train does not wait for it:
+    pressing it cancels that prediction and trains on from the stopped model."""
+    from semiseg.napari import _jobs
+
+    slow = _jobs.iter_predict_volume  # made slow below: long enough to be interrupted
+    w = make_train_widget(sample_viewer, steps=100_000)
+    w.train_button.click()
+    qtbot.waitUntil(lambda: len(w.loss_plot.series.get("dice_loss", [])) >= 2, timeout=60_000)
+    assert not w.train_button.isEnabled()
+    monkeypatch.setattr(_jobs, "iter_predict_volume", lambda *a, **kw: (yield from _slow(slow, a, kw)))
+    t0 = time.perf_counter()
+    w.stop_button.click()
+    qtbot.waitUntil(lambda: w.train_button.isEnabled(), timeout=5_000)
+    assert time.perf_counter() - t0 < 2.0 and w.session.busy and w.phase == "predict"
+    w.steps_spin.setValue(2)
+    w.train_button.click()  # cancels the prediction, then trains
+    assert "training starts next" in w.status.text()
+    qtbot.waitUntil(lambda: w.session.running is not None and w.session.running.phase == "train"
+                    or (not w.busy and w.model is not None and w.model.history[-1]["steps"] == 2), timeout=30_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
+    assert w.last_error is None, w.last_error
+    stopped_steps = w.model.history[-2]["steps"]
+    assert stopped_steps >= 1 and w.model.history[-1]["steps"] == 2  # continued the stopped model
+
+
+def _slow(inner, a, kw):
+    gen = inner(*a, **kw)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        time.sleep(0.3)
+        yield p

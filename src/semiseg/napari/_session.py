@@ -285,6 +285,13 @@ class Session:
         return self.running.phase if self.running is not None else "idle"
 
     @property
+    def interruptible(self) -> bool:
+        """True while the running job only predicts (a prediction job, or a training job past
+        its training): a new training may cancel it."""
+        r = self.running
+        return r is not None and r.kind in ("train", "predict") and r.phase != "train"
+
+    @property
     def can_sample(self) -> bool:
         return self.model is not None and bool(self.model.method.can_sample)
 

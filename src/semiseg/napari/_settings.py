@@ -199,14 +199,17 @@ def method_summary(cls) -> str:
     return cls.summary + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def button_states(*, busy: bool, model: Model | None, n_runs: int) -> dict[str, bool]:
+def button_states(*, busy: bool, model: Model | None, n_runs: int, interruptible: bool = False) -> dict[str, bool]:
     """Enabled state of each button (by widget attribute name), plus what is shown:
     ``"sample_row"`` (hidden once a model that cannot sample is current), ``"correct_box"``
-    and ``"suggestions_box"`` (only once there is a model: nothing to accept or rank before)."""
+    and ``"suggestions_box"`` (only once there is a model: nothing to accept or rank before).
+
+    ``interruptible``: the running job only predicts (e.g. the volume after Stop); Train is
+    enabled then, and pressing it cancels that prediction and trains (issue 20 item 4)."""
     has_model = model is not None
     can_sample = has_model and bool(model.method.can_sample)
     return {
-        "train_button": not busy,
+        "train_button": not busy or interruptible,
         "predict_button": not busy and has_model,
         "stop_button": busy,
         "sample_button": not busy and can_sample,

@@ -124,6 +124,7 @@ class TrainWidget(QWidget):
         self.first_preview_after: float | None = None
         self.preview_every = 2.0
         self._job_failed = False
+        self._train_next = False  # Train was pressed while a prediction ran
         self._slice = 0
         self._plot_offset = 0
         self.display = StagedDisplay(self, on_error=self._report_error)
@@ -235,7 +236,8 @@ class TrainWidget(QWidget):
             self.device_label.setText(f"unavailable ({exc})")
 
     def _update_buttons(self) -> None:
-        self.form.set_buttons(button_states(busy=self.session.busy, model=self.model, n_runs=self.runs_combo.count()))
+        self.form.set_buttons(button_states(busy=self.session.busy, model=self.model, n_runs=self.runs_combo.count(),
+                                            interruptible=self.session.interruptible))
 
     # ================================================================== running
     def _input_image(self):
@@ -263,6 +265,12 @@ class TrainWidget(QWidget):
 
     def _start(self, *, train: bool) -> None:
         if self.session.busy:
+            if train and self.session.interruptible:
+                # Train during a prediction (e.g. the volume after Stop): cancel it, train
+                # as soon as the job has ended (issue 20 item 4).
+                self.session.cancel()
+                self._train_next = True
+                self.status.setText("Cancelling the prediction; training starts next...")
             return
         self.train_pressed_at = time.perf_counter()
         self.first_preview_after = None
@@ -306,6 +314,8 @@ class TrainWidget(QWidget):
 
     def _on_progress(self, p) -> None:
         """Store a Progress record; widgets are refreshed by the throttle."""
+        if p.phase != "train" and self.session.interruptible and not self.train_button.isEnabled():
+            self._update_buttons()  # training is over: Train may interrupt the prediction
         if p.phase == "train" and p.losses:
             self.loss_plot.add(self._plot_offset + p.step, p.losses)
         running = self.session.running
@@ -378,7 +388,10 @@ class TrainWidget(QWidget):
             # Not "uncertainty 95/95 slices" or "training 0/20" once the job is over (item 3).
             show_idle(self.progress, "failed" if self._job_failed else "done")
         self._update_buttons()
-        if self.pool is not None:
+        if self._train_next:
+            self._train_next = False
+            QTimer.singleShot(0, self.start_training)
+        elif self.pool is not None:
             # Warm the next worker a little later, not while the results are being drawn.
             QTimer.singleShot(1000, self.session.prestart)
 
