@@ -201,7 +201,7 @@ def test_export_defaults_and_reopens_as_labels(qtbot, make_train_widget, run_and
     # A name without label/mask/seg: the zarr says it is labels, the reader reads that back.
     for path in (tmp_path / "result.zarr", tmp_path / export_name(w.export_combo.currentText(), "tiff")):
         w.export_mask(path)
-        ((data, meta, kind),) = read(str(path))
+        ((data, _meta, kind),) = read(str(path))
         assert kind == "labels", path
         np.testing.assert_array_equal(data, pred.data)
 
@@ -236,6 +236,20 @@ def test_overlay_updates_use_no_private_napari_api(make_napari_viewer):
     assert is_layer_type(image, "image") and not is_layer_type(image, "labels")
 
 
+
+def test_autosave_dock_uses_no_private_napari_api(sample_viewer, tmp_path):
+    from semiseg.napari._autosave import AutosaveWidget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        w = AutosaveWidget(sample_viewer, debounce=0.05, interval=1.0, poll_ms=100)
+        w.folder.setText(str(tmp_path))
+        w.attach()
+        assert w.layer is sample_viewer.layers["phantom labels"]
+        assert w.image_for(w.layer) is sample_viewer.layers["phantom"]
+    w.close_saver()
+
+
 def test_tags_set_by_a_widget_emit_the_metadata_event(sample_viewer):
     from semiseg.napari._layers import set_tags
 
@@ -267,7 +281,7 @@ def test_train_is_usable_while_the_volume_is_predicted_after_stop(qtbot, make_tr
     w.steps_spin.setValue(2)
     w.train_button.click()  # cancels the prediction, then trains
     assert "training starts next" in w.status.text()
-    qtbot.waitUntil(lambda: w.session.running is not None and w.session.running.phase == "train"
+    qtbot.waitUntil(lambda: (w.session.running is not None and w.session.running.phase == "train")
                     or (not w.busy and w.model is not None and w.model.history[-1]["steps"] == 2), timeout=30_000)
     qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert w.last_error is None, w.last_error
