@@ -186,6 +186,7 @@ def test_translation_outputs_and_samples(qtbot, make_train_widget, run_and_wait,
     samples = viewer.layers["phantom sampled tumours"]
     assert samples.data.shape == (3, 1, 48, 48)
     assert samples.translate[1] == 4
+    assert viewer.dims.axis_labels[0] == "sample"  # its slider says what it is, not "-4"
     first = samples
     run_and_wait(qtbot, w, w.sample_button.click)
     assert viewer.layers["phantom sampled tumours"] is first

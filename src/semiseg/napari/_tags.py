@@ -150,6 +150,8 @@ class TagWidget(QWidget):
         self._on_layer_changed()
 
     def _on_layer_changed(self, *args):
+        if self._watched is not None and self._watched is self.labels_layer:
+            return  # another layer was added or removed: nothing to re-read (issue 20 item 4)
         if self._watched is not None:
             try:
                 self._watched.events.paint.disconnect(self._labels_changed)

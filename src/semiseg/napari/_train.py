@@ -30,6 +30,7 @@ from ._display import (
     UI_REFRESH_MS,
     ProgressThrottle,
     StagedDisplay,
+    freeze_startup_objects,
     gc_paused,
     output_steps,
     show_idle,
@@ -125,6 +126,7 @@ class TrainWidget(QWidget):
         self.preview_every = 2.0
         self._job_failed = False
         self._train_next = False  # Train was pressed while a prediction ran
+        self._choices = None  # the layer choices the form offers
         self._slice = 0
         self._plot_offset = 0
         self.display = StagedDisplay(self, on_error=self._report_error)
@@ -146,6 +148,7 @@ class TrainWidget(QWidget):
         self._on_device(self.device_combo.currentText())
         if self.pool is not None and prewarm:
             self.pool.prestart()
+        QTimer.singleShot(0, freeze_startup_objects)  # once napari has built the dock (item 4)
         atexit.register(_shutdown_ref, weakref.ref(self))
 
     # ------------------------------------------------------------------ the session's state
@@ -200,8 +203,11 @@ class TrainWidget(QWidget):
         from napari.layers import Image, Labels
 
         choices = layer_choices(self.viewer.layers, Image, Labels)
-        self.form.set_layers(choices)
-        for layer in self.viewer.layers:
+        if choices != self._choices:  # an overlay updated in place, a renamed preview: no change
+            self._choices = choices
+            self.form.set_layers(choices)
+        inserted = getattr(event, "value", None) if event is not None and event.type == "inserted" else None
+        for layer in [inserted] if inserted is not None else self.viewer.layers:
             if isinstance(layer, Labels) and not is_overlay(layer):
                 track_planes(self.viewer, layer)  # record the plane of every painted slice
         names = self.image_names()
