@@ -223,31 +223,44 @@ def test_runs_list_is_readable_and_the_store_is_capped(qtbot, make_train_widget,
 
 
 # ----------------------------------------------------------------------------- item 12
-def test_overlay_updates_use_no_private_napari_api(make_napari_viewer):
+@pytest.fixture
+def private_type_string_warns(monkeypatch):
+    """``Layer._type_string`` warning as napari's newer releases do; yields the warnings
+    raised from semiseg's own code."""
+    from napari.layers import Layer
+
+    def warn(self):
+        warnings.warn("Layer._type_string is private", FutureWarning, stacklevel=2)
+        return type(self).__name__.lower()
+
+    monkeypatch.setattr(Layer, "_type_string", property(warn))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        yield lambda: [w for w in caught if "semiseg" in w.filename and issubclass(w.category, FutureWarning)]
+
+
+def test_overlay_updates_use_no_private_napari_api(make_napari_viewer, private_type_string_warns):
     from semiseg.napari._layers import is_layer_type, upsert
 
     viewer = make_napari_viewer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        first = upsert(viewer, "x prediction", np.zeros((2, 8, 8), np.uint8), "labels")
-        again = upsert(viewer, "x prediction", np.ones((2, 8, 8), np.uint8), "labels")
-        assert again is first and again.data.max() == 1
-        image = upsert(viewer, "x prediction", np.zeros((2, 8, 8), np.float32), "image")
+    first = upsert(viewer, "x prediction", np.zeros((2, 8, 8), np.uint8), "labels")
+    again = upsert(viewer, "x prediction", np.ones((2, 8, 8), np.uint8), "labels")
+    assert again is first and again.data.max() == 1
+    image = upsert(viewer, "x prediction", np.zeros((2, 8, 8), np.float32), "image")
     assert is_layer_type(image, "image") and not is_layer_type(image, "labels")
+    assert private_type_string_warns() == []
 
 
-
-def test_autosave_dock_uses_no_private_napari_api(sample_viewer, tmp_path):
+def test_autosave_dock_uses_no_private_napari_api(sample_viewer, tmp_path, private_type_string_warns):
     from semiseg.napari._autosave import AutosaveWidget
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        w = AutosaveWidget(sample_viewer, debounce=0.05, interval=1.0, poll_ms=100)
-        w.folder.setText(str(tmp_path))
-        w.attach()
-        assert w.layer is sample_viewer.layers["phantom labels"]
-        assert w.image_for(w.layer) is sample_viewer.layers["phantom"]
+    w = AutosaveWidget(sample_viewer, debounce=0.05, interval=1.0, poll_ms=100)
+    w.folder.setText(str(tmp_path))
+    w.attach()
+    assert w.layer is sample_viewer.layers["phantom labels"]
+    assert w.image_for(w.layer) is sample_viewer.layers["phantom"]
     w.close_saver()
+    assert private_type_string_warns() == []
 
 
 def test_tags_set_by_a_widget_emit_the_metadata_event(sample_viewer):
