@@ -311,3 +311,32 @@ def _slow(inner, a, kw):
             return stop.value
         time.sleep(0.3)
         yield p
+
+
+def test_adding_a_layer_re_reads_no_labels_in_the_docks(qtbot, make_train_widget, sample_viewer, monkeypatch):
+    """Adding or removing an unrelated layer with the docks docked re-reads nothing: the tag
+    strip keeps its annotated slices and the Train dock keeps its form (issue 20 item 4)."""
+    from semiseg.napari import _tags
+    from semiseg.napari._tags import TagWidget
+
+    viewer = sample_viewer
+    tags_w = TagWidget(viewer)
+    viewer.window.add_dock_widget(tags_w)
+    w = make_train_widget(viewer)
+    qtbot.wait(300)  # the tag strip's first refresh
+    scans, forms = [], []
+    real = _tags.annotated_slices
+    monkeypatch.setattr(_tags, "annotated_slices", lambda labels: scans.append(1) or real(labels))
+    set_layers = w.form.set_layers
+    monkeypatch.setattr(w.form, "set_layers", lambda choices: forms.append(choices) or set_layers(choices))
+    for _ in range(3):
+        layer = viewer.add_labels(np.zeros((8, 48, 48), np.uint8), name="x prediction", metadata={"semiseg_overlay": True})
+        qtbot.wait(150)
+        viewer.layers.remove(layer)
+        qtbot.wait(150)
+    assert scans == [], "the tag strip re-read the labels for an unrelated layer"
+    # An exportable overlay changes the export list; the form is rebuilt for that only.
+    assert len(forms) == 6
+    viewer.add_points(name="pts")
+    qtbot.wait(150)
+    assert len(forms) == 6 and scans == []  # points change no choice: nothing rebuilt
