@@ -14,6 +14,19 @@ Run under a display, e.g. (software rendering)::
 
 Targets (2 CPU cores, software rendering): p99 gap <= 33 ms, no gap over 250 ms, first
 preview <= 5 s.
+
+``--first-hour`` (issue 20 item 4) measures what a new user gets instead: the widget's
+defaults (300 steps, no time limit) on a 48 x 160 x 160 phantom, the Train and Tags docks
+docked, nobody scrolling. It reports the heartbeat while training and while the results land,
+the first preview, Stop -> Train enabled again ("usable viewer"), the cost of adding and
+removing a layer without and with the docks (and again after the runs, with the overlays), and
+the heartbeat while tumours are sampled (a short translation run first)::
+
+    xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/ui_responsiveness.py --first-hour \
+        --out benchmarks/out/ui-first-hour.json
+
+Targets: p99 <= 33 ms, first preview <= 5 s, Stop <= 1 s, a layer with the docks costs no
+more than without them, no gap over 250 ms while results land or tumours are sampled.
 """
 
 from __future__ import annotations
@@ -174,6 +187,119 @@ def run_backend(backend: str, args) -> dict:
     }
 
 
+def _layer_costs(app, viewer, shape, repeats=3):
+    """Median seconds of adding, then removing, a labels layer of ``shape`` (events processed)."""
+    add, remove = [], []
+    for _ in range(repeats):
+        data = np.zeros(shape, np.uint8)
+        t0 = time.perf_counter()
+        layer = viewer.add_labels(data, name="bench layer")
+        app.processEvents()
+        add.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        viewer.layers.remove(layer)
+        app.processEvents()
+        remove.append(time.perf_counter() - t0)
+        _spin(app, seconds=0.3)
+    return {"add_s": round(float(np.median(add)), 3), "remove_s": round(float(np.median(remove)), 3)}
+
+
+def run_first_hour(args) -> dict:
+    """Issue 20 item 4: the widget's defaults on a 48 x 160 x 160 volume (see module doc)."""
+    import resource
+
+    from qtpy.QtWidgets import QApplication
+
+    import napari
+    from semiseg import make_phantom
+    from semiseg.napari._sample import sample_layers
+    from semiseg.napari._tags import TagWidget
+    from semiseg.napari._train import TrainWidget
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    viewer = napari.Viewer(show=True)
+    sample = make_phantom(0, shape=tuple(args.shape))
+    for data, meta, kind in sample_layers(sample):
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    app = QApplication.instance()
+    _spin(app, seconds=1.0)
+    out = {"shape": list(args.shape), "layer_without_docks": _layer_costs(app, viewer, args.shape)}
+    w = TrainWidget(viewer, backend=args.backend if args.backend != "both" else "process", prewarm=True)
+    viewer.window.add_dock_widget(w, name="Train")
+    tags = TagWidget(viewer)
+    viewer.window.add_dock_widget(tags, name="Tags")
+    if w.pool is not None:
+        print(f"spare worker ready: {w.pool.wait_ready(timeout=300)}", flush=True)
+    _spin(app, seconds=1.0)
+    out["layer_with_docks"] = _layer_costs(app, viewer, args.shape)
+    out["defaults"] = {"steps": w.steps_spin.value(), "minutes": w.minutes_spin.value(),
+                       "batch": w.batch_spin.value(), "crop": w.crop_spin.value()}
+    load0 = os.getloadavg()
+
+    hb = Heartbeat()
+    hb.start()
+    t0 = time.perf_counter()
+    w.train_button.click()
+    _spin(app, until=lambda: w.phase == "predict" or w.worker is None, timeout=1800)
+    out["train_s"] = round(time.perf_counter() - t0, 1)
+    train_gaps = hb.stop()
+    hb.start()
+    _spin(app, until=lambda: not w.busy, timeout=600)
+    land_gaps = hb.stop()
+    out["error"] = repr(w.last_error) if w.last_error else None
+    out["train"] = _stats(train_gaps)
+    out["results_land"] = _stats(land_gaps)
+    out["first_preview_s"] = None if w.first_preview_after is None else round(w.first_preview_after, 2)
+    out["steps_trained"] = w.model.history[-1]["steps"] if w.model is not None else 0
+
+    # Stop: a run of many steps, Stop after a few; until Train can be pressed again.
+    w.steps_spin.setValue(1_000_000)
+    _spin(app, seconds=1.5)
+    if w.pool is not None:
+        w.pool.wait_ready(timeout=300)
+    w.train_button.click()
+    _spin(app, until=lambda: w.phase == "train" and w.progress.value() >= 3, timeout=600)
+    hb.start()
+    ts = time.perf_counter()
+    w.stop_button.click()
+    _spin(app, until=lambda: w.train_button.isEnabled(), timeout=600)
+    out["stop_to_train_enabled_s"] = round(time.perf_counter() - ts, 3)
+    _spin(app, until=lambda: not w.busy, timeout=600)
+    out["stop_until_shown_s"] = round(time.perf_counter() - ts, 3)
+    out["after_stop"] = _stats(hb.stop())
+    _spin(app, seconds=1.0)
+    out["layer_with_docks_after_runs"] = _layer_costs(app, viewer, args.shape)
+
+    # Tumour samples: a short translation run, then Sample on the viewed slice.
+    w.method_combo.setCurrentText("translation")
+    w.continue_check.setChecked(False)
+    w.steps_spin.setValue(args.translation_steps)
+    _spin(app, seconds=1.5)
+    if w.pool is not None:
+        w.pool.wait_ready(timeout=300)
+    w.train_button.click()
+    _spin(app, until=lambda: not w.busy, timeout=1800)
+    viewer.dims.set_point(0, args.shape[0] // 2)
+    _spin(app, seconds=1.5)
+    if w.pool is not None:
+        w.pool.wait_ready(timeout=300)
+    hb.start()
+    w.sample_button.click()
+    _spin(app, until=lambda: not w.busy, timeout=600)
+    _spin(app, seconds=0.5)
+    out["sampling"] = _stats(hb.stop())
+    out["sampling_error"] = repr(w.last_error) if w.last_error else None
+    _spin(app, seconds=1.0)
+    out["layer_with_docks_at_end"] = _layer_costs(app, viewer, args.shape)
+    out["loadavg_before"] = [round(x, 2) for x in load0]
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    w.shutdown()
+    viewer.close()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    out["cpu_s_viewer_and_reaped_workers"] = round(cpu1 - cpu0, 1)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["process", "thread", "both"], default="both")
@@ -185,7 +311,19 @@ def main(argv=None):
     ap.add_argument("--nice", type=int, default=10, help="niceness of the worker process")
     ap.add_argument("--no-scroll", dest="scroll", action="store_false",
                     help="do not change the viewed slice every 100 ms")
+    ap.add_argument("--first-hour", action="store_true",
+                    help="issue 20: the widget's defaults on --shape, docks docked, Stop, layers, sampling")
+    ap.add_argument("--shape", type=int, nargs=3, default=[48, 160, 160], help="phantom shape (--first-hour)")
+    ap.add_argument("--translation-steps", type=int, default=10, help="translation run before sampling")
     args = ap.parse_args(argv)
+    if args.first_hour:
+        res = {"cpu_count": os.cpu_count(), "software_gl": os.environ.get("LIBGL_ALWAYS_SOFTWARE"),
+               "args": {k: str(v) for k, v in vars(args).items()}, "first_hour": run_first_hour(args)}
+        print(json.dumps(res, indent=2), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2))
+        return 0
     backends = ["process", "thread"] if args.backend == "both" else [args.backend]
     results = {
         "cpu_count": os.cpu_count(),

@@ -385,7 +385,10 @@ def test_layer_choices_offer_no_overlays_as_inputs():
     choices = layer_choices(layers, _Image, _Labels)
     assert choices.images == ["scan", "t2"]
     assert choices.labels == ["scan labels"]
-    assert choices.export == ["scan labels", "scan prediction", "drawn"]  # overlays can be exported
+    # Overlays can be exported, the prediction first (issue 20 item 9); never a preview.
+    assert choices.export == ["scan prediction", "scan labels", "drawn"]
+    with_preview = layer_choices([*layers, _Labels("scan preview")], _Image, _Labels)
+    assert "scan preview" not in with_preview.export
     assert layer_choices([], _Image, _Labels) == LayerChoices([], [], [])
 
 
@@ -410,13 +413,18 @@ def test_button_states_follow_busy_model_and_runs(tiny_model):
     idle = button_states(busy=False, model=None, n_runs=0)
     assert idle == {"train_button": True, "predict_button": False, "stop_button": False, "sample_button": False,
                     "save_button": False, "load_button": True, "rollback_button": False,
-                    "continue_check": False, "sample_row": True}
+                    "continue_check": False, "sample_row": True,
+                    "correct_box": False, "suggestions_box": False}  # shown once there is a model
     trained = button_states(busy=False, model=tiny_model, n_runs=2)
     assert trained["predict_button"] and trained["save_button"] and trained["rollback_button"]
     assert trained["continue_check"] and not trained["sample_button"] and not trained["sample_row"]
+    assert trained["correct_box"] and trained["suggestions_box"]
     busy = button_states(busy=True, model=tiny_model, n_runs=2)
     assert busy["stop_button"] and busy["save_button"]
     assert not any(busy[k] for k in ("train_button", "predict_button", "load_button", "rollback_button"))
+    # Predicting only (e.g. after Stop): Train may interrupt it (issue 20 item 4).
+    predicting = button_states(busy=True, model=tiny_model, n_runs=2, interruptible=True)
+    assert predicting["train_button"] and predicting["stop_button"] and not predicting["predict_button"]
 
 
 class _Sampler:
@@ -457,3 +465,42 @@ def test_suggestion_feed_skips_stale_results(session, tiny_phantom):
     assert suggestion_feed(no_pass, session.model, "scan", ["scan"]) == "model"
     assert suggestion_feed(result, session.model, "scan", ["other"]) is None  # the image layer is gone
     assert suggestion_feed(result, object(), "scan", ["scan"]) is None  # a newer model
+
+
+def test_run_store_is_pruned_to_the_newest_and_labels_are_short(tmp_path):
+    """Issue 20 item 10: runs are capped on disk; the list says method, steps and time."""
+    from semiseg.napari._session import prune_runs
+    from semiseg.napari._settings import run_label
+    from semiseg.runs import RunInfo
+
+    names = [f"20261201-2201{i:02d}.000-supervised.pt" for i in range(5)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "notes.pt").write_bytes(b"not a run")
+    removed = prune_runs(tmp_path, 2)
+    assert sorted(p.name for p in removed) == names[:3]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == sorted([*names[3:], "notes.pt"])
+    info = RunInfo("20261201-220111.103-supervised", tmp_path / "x.pt", "supervised", 300, 5, {}, [])
+    assert run_label(info, today="20261201") == "supervised · 300 steps · 22:01"
+    assert run_label(info, today="20261202") == "supervised · 300 steps · 2026-12-01 22:01"
+
+
+def test_inputs_are_checked_before_a_job_starts(tiny_model):
+    """Issue 20 item 7: the engine's first checks, in the viewer (one line each)."""
+    from semiseg import InputError, get_method
+    from semiseg.napari._settings import check_job
+
+    labels = np.zeros((4, 16, 16), np.uint8)
+    job = _jobs.TrainJob(image=np.zeros((1, 4, 16, 16), np.float32), labels=labels)
+    with pytest.raises(InputError, match="no annotated slice"):
+        check_job(job, get_method("supervised"))
+    check_job(dataclasses.replace(job, train=False), get_method("supervised"))  # predicting: fine
+    with pytest.raises(InputError, match="does not match image shape"):
+        check_job(dataclasses.replace(job, labels=np.zeros((4, 8, 8), np.uint8)), get_method("supervised"))
+    painted = labels.copy()
+    painted[1, 4:8, 4:8] = 1
+    check_job(dataclasses.replace(job, labels=painted), get_method("supervised"))
+    with pytest.raises(InputError, match="translation needs slices tagged healthy"):
+        check_job(dataclasses.replace(job, labels=painted), get_method("translation"))
+    tags = np.array([0, 1, -1, -1], np.int8)
+    check_job(dataclasses.replace(job, labels=painted, tags=tags), get_method("translation"))

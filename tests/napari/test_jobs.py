@@ -141,3 +141,74 @@ def test_the_suggestion_lists_uncertainty_pass_is_a_job_too(phantom, tmp_path):
     assert run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), control, model)) is None
     with pytest.raises(InputError, match="needs a model"):
         run(_jobs.iter_job(_jobs.UncertaintyJob(phantom.image), _jobs.JobControl(), None))
+
+
+_ORPHAN_SCRIPT = r"""
+import sys, time
+from semiseg import make_phantom
+from semiseg.engine import TrainConfig
+from semiseg.napari import _jobs
+
+ph = make_phantom(0, shape=(8, 48, 48), labelled=2)
+out = _jobs.new_out_dir()
+job = _jobs.TrainJob(image=ph.image[None], labels=ph.labels.copy(), tags=ph.tags,
+                     params={"features": "8,16"}, device="cpu", out_dir=out,
+                     config=TrainConfig(steps=1_000_000, batch_size=2, crop=32, seed=0))
+pool = _jobs.ProcessPool(threads=1, nice=0)
+gen = _jobs.iter_job_process(job, _jobs.JobControl(), pool=pool)
+next(gen)  # the first training step arrived: the worker is busy training
+import multiprocessing as mp
+(child,) = mp.active_children()
+print(child.pid, out, flush=True)
+for _ in gen:  # train on until killed
+    pass
+"""
+
+
+def test_worker_exits_and_removes_its_folder_when_the_viewer_is_killed(tmp_path):
+    """Item 11 of issue 20: SIGTERM of the viewer (no clean-up runs) must not leave the
+    training process alive, nor its job folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
+    pid = None
+    try:
+        line = proc.stdout.readline().split()
+        assert len(line) == 2, "the script did not start training"
+        pid, out = int(line[0]), Path(line[1])
+        assert out.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+        def alive(p):
+            try:
+                os.kill(p, 0)
+            except ProcessLookupError:
+                return False
+            try:  # a zombie (exited, not reaped by the dead parent's init yet) counts as gone
+                return Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 20
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "the worker process outlived its parent"
+        deadline = time.monotonic() + 5
+        while out.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not out.exists(), "the job folder was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None:  # never leave an orphan training behind, pass or fail
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

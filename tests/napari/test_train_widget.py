@@ -46,7 +46,7 @@ def test_train_button_creates_overlays_and_keeps_labels(qtbot, make_train_widget
     assert viewer.layers["phantom prediction"] is pred
     assert viewer.layers["phantom probability"] is prob
     assert [ly.name for ly in viewer.layers].count("phantom prediction") == 1
-    assert not viewer.layers["phantom preview"].visible  # the retrain's preview, hidden at the end
+    assert "phantom preview" not in viewer.layers  # the retrain's preview, removed at the end
     assert w.model.method.step == 5
     assert labels_hash(labels) == before
 
@@ -82,7 +82,8 @@ def test_accept_slice_and_undo(qtbot, make_train_widget, run_and_wait, labels_ha
     np.testing.assert_array_equal(np.delete(labels.data, 5, 0), np.delete(original, 5, 0))
     w.undo_button.click()
     np.testing.assert_array_equal(labels.data, original)
-    # A range is one undoable edit.
+    # A range is one undoable edit (painted slices 2 and 4 too, with consent).
+    w.overwrite_check.setChecked(True)
     pred.data[2:5] = 1
     w.accept_slices(2, 4)
     assert (labels.data[2:5] == 1).all()
@@ -185,6 +186,7 @@ def test_translation_outputs_and_samples(qtbot, make_train_widget, run_and_wait,
     samples = viewer.layers["phantom sampled tumours"]
     assert samples.data.shape == (3, 1, 48, 48)
     assert samples.translate[1] == 4
+    assert viewer.dims.axis_labels[0] == "sample"  # its slider says what it is, not "-4"
     first = samples
     run_and_wait(qtbot, w, w.sample_button.click)
     assert viewer.layers["phantom sampled tumours"] is first
@@ -291,7 +293,7 @@ def test_long_layer_names_and_run_descriptions_do_not_widen_the_docks(make_train
     after = w.minimumSizeHint().width(), tags.minimumSizeHint().width()
     assert after == before and max(after) < 600, (before, after)
     assert w.labels_combo.toolTip() == long_name  # the whole name, where the box cuts it
-    assert "training runs kept in" in w.runs_combo.toolTip()
+    assert "training runs are kept in" in w.runs_combo.toolTip()
 
 
 def test_prediction_and_model_file_errors_show_their_own_titles(qtbot, make_train_widget, run_and_wait, sample_viewer, tmp_path, monkeypatch):

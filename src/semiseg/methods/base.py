@@ -135,6 +135,8 @@ class Method(abc.ABC):
     can_sample: ClassVar[bool] = False
     #: Whether the method learns from weak healthy/diseased tags.
     uses_tags: ClassVar[bool] = False
+    #: Whether training fails without slices tagged healthy (checked before a job starts).
+    needs_healthy: ClassVar[bool] = False
     #: 2: networks see single slices ``(B, C, H, W)``; 3: they see ``(B, C, D, H, W)`` patches
     #: (the engine then samples 3D patches and prediction slides 3D windows).
     spatial_dims: ClassVar[int] = 2

@@ -94,6 +94,7 @@ class Translation(Method):
     outputs = {"healthy": "image", "residual": "difference"}
     can_sample = True
     uses_tags = True
+    needs_healthy = True
 
     def build(self) -> None:
         p = self.params

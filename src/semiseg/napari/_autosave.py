@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 from ..autosave import Autosaver, default_store_path, find_autosave, image_identity, restore
 from ..data import InputError
 from ._combo import narrow_combo
-from ._layers import get_tags, is_overlay, set_tags
+from ._layers import get_tags, is_layer_type, is_overlay, set_tags
 
 
 def changed_slices(atoms) -> list[int] | None:
@@ -129,7 +129,7 @@ class AutosaveWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _labels_layers(self):
-        return [ly for ly in self.viewer.layers if ly._type_string == "labels" and not is_overlay(ly)]
+        return [ly for ly in self.viewer.layers if is_layer_type(ly, "labels") and not is_overlay(ly)]
 
     def _refresh_layers(self, *_):
         names = [ly.name for ly in self._labels_layers()]
@@ -148,7 +148,7 @@ class AutosaveWidget(QWidget):
         """The image layer the labels belong to: same spatial shape, not an overlay."""
         shape = tuple(labels_layer.data.shape)
         for ly in self.viewer.layers:
-            if ly._type_string == "image" and not is_overlay(ly) and tuple(ly.data.shape[-len(shape):]) == shape:
+            if is_layer_type(ly, "image") and not is_overlay(ly) and tuple(ly.data.shape[-len(shape):]) == shape:
                 return ly
         return None
 

@@ -44,6 +44,27 @@ def gc_paused():
             gc.enable()
 
 
+_frozen = False
+
+
+def freeze_startup_objects() -> bool:
+    """Move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    A viewer process holds millions of objects once napari, Qt bindings and torch are
+    imported; each full collection traverses all of them (~200 ms here), and full collections
+    recur as a long session allocates. Frozen, the objects of the start-up are no longer
+    traversed, so the collections that recur are short. Done once per process (the first
+    Train dock); returns whether it was done now.
+    """
+    global _frozen
+    if _frozen:
+        return False
+    gc.collect()  # the start-up's garbage first: frozen objects are never freed
+    gc.freeze()
+    _frozen = True
+    return True
+
+
 class StagedDisplay:
     """Runs queued callables on the GUI thread, one per event-loop turn, in order.
 
@@ -151,6 +172,17 @@ def show_progress(bar, status, loss_plot, p) -> None:
     loss_plot.flush()
 
 
+def show_idle(bar, text: str) -> None:
+    """The progress bar once a job is over: full with ``text`` ("done"), or empty ("failed").
+
+    Without this it kept the last record's format ("uncertainty 95/95 slices", or
+    "training 0/20" after an error).
+    """
+    bar.setRange(0, 1)
+    bar.setValue(1 if text == "done" else 0)
+    bar.setFormat(text)
+
+
 # ----------------------------------------------------------------------------- layers
 def _like(viewer, name):
     return viewer.layers[name] if name in viewer.layers else None
@@ -177,8 +209,15 @@ def show_samples(viewer, image_name: str, samples: np.ndarray, index: int):
         samples = samples[:, 0]
     data = samples[..., None, :, :]  # sample axis, then a one-slice Z axis at ``index``
     offset = (0,) * (data.ndim - 3) + (index, 0, 0)
-    return upsert(viewer, f"{image_name} sampled tumours", data, "image", like=_like(viewer, image_name),
-                  translate_offset=offset)
+    layer = upsert(viewer, f"{image_name} sampled tumours", data, "image", like=_like(viewer, image_name),
+                   translate_offset=offset)
+    # napari labels a new leading axis by its negative index ("-4"): say what its slider is.
+    labels = list(viewer.dims.axis_labels)
+    first = viewer.dims.ndim - data.ndim
+    if labels and labels[first] in (str(first - viewer.dims.ndim), str(first)):
+        labels[first] = "sample"
+        viewer.dims.axis_labels = labels
+    return layer
 
 
 def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_layer: Callable) -> list:
@@ -224,7 +263,9 @@ def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_
     def tidy():
         preview = f"{name} preview"
         if preview in viewer.layers:
-            viewer.layers[preview].visible = False
+            # A one-slice layer left hidden would be offered for export and confuse; the next
+            # run makes a new one (issue 20 item 3).
+            viewer.layers.remove(preview)
         # Keep the user's labels on top of the overlays so painting stays visible.
         labels = labels_layer()
         if labels is not None and created:

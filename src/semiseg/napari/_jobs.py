@@ -560,10 +560,35 @@ def _unpack(job, payload, out_dir: Path, load_outputs: bool):
     return JobResult(trained, outputs, stopped, device, None if load_outputs else str(out_dir), unc, run, run_error)
 
 
+def _exit_with_parent(job_dir: list) -> None:
+    """Exit this worker process as soon as its parent (the viewer) dies.
+
+    A viewer killed by SIGTERM runs no clean-up and a daemon process is only ended by a
+    parent that exits normally: the worker trained on, holding its memory, and its job
+    folder was left behind (issue 20 item 11). A daemon thread waits on the parent's
+    sentinel (closed by the kernel when the parent dies, whatever killed it), removes the
+    job's folder (``job_dir[0]``, once known) and ends the process.
+    """
+    import os
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()  # returns once the parent's sentinel is closed: the parent is gone
+        remove_dir(job_dir[0] if job_dir else None)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="semiseg-parent-watch").start()
+
+
 def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int = 0) -> None:
     """Worker process main: import torch, say ready, run one job, report, exit."""
     import os
 
+    job_dir: list = []
+    _exit_with_parent(job_dir)
     if nice and hasattr(os, "nice"):
         try:
             os.nice(nice)
@@ -580,6 +605,7 @@ def _serve(jobs, msgs, stop_training, cancel, preview, threads: int, nice: int =
     list_methods()  # import every method module now, not at the first step
     msgs.put(("ready",))
     job, model_in = jobs.get()
+    job_dir.append(job.out_dir)
     model = None
     try:
         if model_in:

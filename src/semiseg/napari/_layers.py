@@ -38,8 +38,12 @@ def get_tags(labels_layer) -> np.ndarray:
 
 
 def set_tags(labels_layer, tags) -> None:
-    """Store weak tags in ``labels_layer.metadata`` (a copy, int8)."""
-    labels_layer.metadata[TAGS_KEY] = np.asarray(tags, np.int8).copy()
+    """Store weak tags in ``labels_layer.metadata`` (a copy, int8).
+
+    Assigned as a new dict so the layer emits ``events.metadata``: the suggestion list and
+    the tag strip follow tags set by any widget (issue 20 item 5).
+    """
+    labels_layer.metadata = {**labels_layer.metadata, TAGS_KEY: np.asarray(tags, np.int8).copy()}
 
 
 def current_slice(viewer, layer) -> int:
@@ -48,6 +52,18 @@ def current_slice(viewer, layer) -> int:
     coord = layer.world_to_data(viewer.dims.point)[-ndim]
     n = layer.data.shape[-ndim]
     return int(np.clip(np.round(coord), 0, n - 1))
+
+
+def is_layer_type(layer, layer_type: str) -> bool:
+    """Whether ``layer`` is a napari layer of kind ``layer_type`` (``"labels"``, ``"image"``...).
+
+    By class, through napari's public ``napari.layers``: the private ``Layer._type_string``
+    warns (FutureWarning) in napari >= 0.6 (issue 20 item 12).
+    """
+    import napari.layers
+
+    cls = getattr(napari.layers, layer_type.capitalize(), None)
+    return cls is not None and isinstance(layer, cls)
 
 
 def upsert(viewer, name: str, data, layer_type: str, *, like=None, **kwargs):
@@ -67,7 +83,7 @@ def upsert(viewer, name: str, data, layer_type: str, *, like=None, **kwargs):
         kwargs.setdefault("translate", translate)
     if name in viewer.layers:
         layer = viewer.layers[name]
-        if layer._type_string == layer_type and layer.ndim == data.ndim:
+        if is_layer_type(layer, layer_type) and layer.ndim == data.ndim:
             layer.data = data
             for key in ("scale", "translate"):
                 if key in kwargs:
@@ -108,13 +124,26 @@ def stack_channels(layers):
     return da.stack([d if hasattr(d, "dask") else da.from_array(d, chunks=(1, *d.shape[-2:])) for d in datas])
 
 
-def copy_prediction_slices(labels_layer, prediction_layer, start: int, stop: int) -> int:
+def painted_slices(labels, start: int, stop: int) -> list[int]:
+    """Slices ``start..stop`` (inclusive, axis 0) of ``labels`` that hold any nonzero label."""
+    return [i for i in range(start, stop + 1) if np.asarray(labels[i]).any()]
+
+
+def copy_prediction_slices(labels_layer, prediction_layer, start: int, stop: int, *,
+                           overwrite_painted: bool = False) -> tuple[int, list[int]]:
     """Copy slices ``start..stop`` (inclusive) of the prediction into the labels layer as one
-    undoable edit (``Labels.data_setitem``; Ctrl+Z reverts it). Returns the pixels changed."""
+    undoable edit (``Labels.data_setitem``; Ctrl+Z reverts it).
+
+    Slices that already hold labels are the user's own work: they are skipped unless
+    ``overwrite_painted``. Returns ``(pixels changed, skipped slices)``.
+    """
     labels, pred = labels_layer, prediction_layer
     changed = 0
+    skipped = [] if overwrite_painted else painted_slices(labels.data, start, stop)
     with labels.block_history():
         for i in range(start, stop + 1):
+            if i in skipped:
+                continue
             new = np.asarray(pred.data[i]).astype(labels.data.dtype)
             diff = np.nonzero(np.asarray(labels.data[i]) != new)
             if diff[0].size == 0:
@@ -122,4 +151,35 @@ def copy_prediction_slices(labels_layer, prediction_layer, start: int, stop: int
             idx = (np.full(diff[0].size, i), *diff)
             labels.data_setitem(idx, new[diff])
             changed += diff[0].size
-    return changed
+    return changed, skipped
+
+
+def undo_edit(labels_layer, *, redo: bool = False) -> bool:
+    """Undo (or redo) the last edit of ``labels_layer`` and say so with ``events.paint``.
+
+    napari's ``Labels.undo`` writes the data without any event, so the widgets that follow
+    the labels (tag strip, suggestion list, plane recorder, autosave) would show the state
+    before the undo. The paint event carries ``(indices, None, values now there)`` atoms of
+    the region the undo wrote, the form ``data_setitem`` edits have. Returns whether an edit
+    was undone (redone).
+    """
+    layer = labels_layer
+    # The history lists are napari's (no public accessor): the undone item moves from one to
+    # the other, so its atoms name the region just written.
+    target = layer._undo_history if redo else layer._redo_history
+    n = len(target)
+    (layer.redo if redo else layer.undo)()
+    if len(target) == n:
+        return False
+    atoms = []
+    for atom in target[-1]:
+        if hasattr(atom, "slice_key"):  # a masked brush atom: its bounding box
+            key = tuple(atom.slice_key)
+            region = np.asarray(layer.data[key])
+            grid = np.nonzero(np.ones(region.shape, bool) if atom.mask is None else np.asarray(atom.mask))
+            idx = tuple(g + (k.start or 0) for g, k in zip(grid, key))
+        else:
+            idx = tuple(np.asarray(i) for i in atom[0])
+        atoms.append((idx, None, np.asarray(layer.data[idx])))
+    layer.events.paint(value=atoms)
+    return True

@@ -1,6 +1,7 @@
 """npe2 reader: TIFF, zarr (array or OME-Zarr level 0, opened lazily) and ``.npy``.
 
-Integer volumes whose file name contains ``label`` or ``mask`` open as a Labels layer (loaded
+Integer volumes whose file name contains ``label``, ``mask`` or ``seg``, and zarr arrays our
+writer marked as labels (:data:`._writer.LAYER_TYPE_ATTR`), open as a Labels layer (loaded
 into memory so they can be painted); everything else opens as an Image. Zarr images stay lazy:
 napari receives a dask array over the store and reads only the slices it shows.
 """
@@ -36,9 +37,15 @@ def napari_get_reader(path):
         return None
 
 
-def _is_labels(path: Path, dtype) -> bool:
+def _is_labels(path: Path, dtype, attrs=None) -> bool:
+    from ._writer import LAYER_TYPE_ATTR
+
+    if np.dtype(dtype).kind not in "ui":
+        return False
+    if attrs is not None and attrs.get(LAYER_TYPE_ATTR) == "labels":
+        return True
     name = path.name.lower()
-    return np.dtype(dtype).kind in "ui" and any(w in name for w in LABEL_WORDS)
+    return any(w in name for w in LABEL_WORDS)
 
 
 def read(path) -> list[tuple]:
@@ -60,7 +67,7 @@ def read(path) -> list[tuple]:
         import dask.array as da
 
         arr = open_zarr_array(p)
-        if _is_labels(p, arr.dtype):
+        if _is_labels(p, arr.dtype, dict(arr.attrs)):
             return [(np.asarray(arr[...]), {"name": name}, "labels")]
         return [(da.from_zarr(arr), {"name": name}, "image")]
     data = read_volume(p)

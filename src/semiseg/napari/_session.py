@@ -35,6 +35,7 @@ Events are plain lists of callables (:class:`Event`), no Qt signals:
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,13 +44,42 @@ from typing import Any
 import numpy as np
 
 from .. import InputError, Model, ModelFileError, PredictionError, TrainingError
+from ..runs import _ID_RE as _RUN_ID
 from ..runs import RunInfo, list_runs, plugin_runs_dir
 from . import _jobs
 
-__all__ = ["LAZY_BYTES", "Done", "Event", "Events", "Running", "Session", "error_title", "is_lazy", "run_inline"]
+__all__ = ["KEEP_RUNS", "LAZY_BYTES", "Done", "Event", "Events", "Running", "Session", "error_title", "is_lazy", "run_inline"]
 
 #: Image volumes above this many bytes get lazy (zarr-backed) outputs instead of numpy ones.
 LAZY_BYTES = 512 * 2**20
+
+#: Training runs the plugin keeps (the newest; ``SEMISEG_KEEP_RUNS`` changes it): each is a
+#: model file of ~10 MB with the default U-Net, and every press of Train makes one.
+KEEP_RUNS = 10
+
+
+def keep_runs_default() -> int:
+    """:data:`KEEP_RUNS`, or the ``SEMISEG_KEEP_RUNS`` environment variable (>= 1)."""
+    try:
+        return max(1, int(os.environ.get("SEMISEG_KEEP_RUNS", KEEP_RUNS)))
+    except ValueError:
+        return KEEP_RUNS
+
+
+def prune_runs(runs_dir, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` runs of the store ``runs_dir``; returns the
+    deleted model files. Files that cannot be deleted are left (and not returned)."""
+    # By name, not by reading each file: run ids start with their time stamp (semiseg.runs).
+    folder = Path(runs_dir)
+    runs = sorted(p for p in folder.glob("*.pt") if _RUN_ID.match(p.name)) if folder.is_dir() else []
+    removed = []
+    for path in runs[: max(0, len(runs) - int(keep))]:
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 #: Title of an error message, by class (first ``isinstance`` match wins: subclasses first).
 ERROR_TITLES = (
@@ -215,6 +245,9 @@ class Session:
         Run store of every training run; default :func:`semiseg.runs.plugin_runs_dir`.
     pool : ProcessPool, optional
         Spare worker processes of the process backend (one is made when not given).
+    keep_runs : int, optional
+        How many runs the store keeps: older ones are deleted after each new run
+        (:func:`prune_runs`); default :func:`keep_runs_default`.
 
     Raises
     ------
@@ -222,12 +255,14 @@ class Session:
         For an unknown backend.
     """
 
-    def __init__(self, *, backend: str = "thread", runner: Callable | None = None, runs_dir=None, pool=None):
+    def __init__(self, *, backend: str = "thread", runner: Callable | None = None, runs_dir=None, pool=None,
+                 keep_runs: int | None = None):
         if backend not in ("process", "thread"):
             raise ValueError("backend must be 'process' or 'thread'")
         self.backend = backend
         self.runner = runner or run_inline
         self.runs_dir = Path(runs_dir) if runs_dir is not None else plugin_runs_dir()
+        self.keep_runs = int(keep_runs) if keep_runs is not None else keep_runs_default()
         self.pool = (pool or _jobs.ProcessPool(threads=1)) if backend == "process" else None
         self.events = Events()
         self.model: Model | None = None
@@ -248,6 +283,13 @@ class Session:
     def phase(self) -> str:
         """``"idle"`` or the running job's phase."""
         return self.running.phase if self.running is not None else "idle"
+
+    @property
+    def interruptible(self) -> bool:
+        """True while the running job only predicts (a prediction job, or a training job past
+        its training): a new training may cancel it."""
+        r = self.running
+        return r is not None and r.kind in ("train", "predict") and r.phase != "train"
 
     @property
     def can_sample(self) -> bool:
@@ -363,6 +405,8 @@ class Session:
             return
         result: _jobs.JobResult = payload
         self.last_result = result
+        if result.run is not None:
+            prune_runs(self.runs_dir, self.keep_runs)  # a few unlinks: cheap
         self.model = result.model
         self.model_image = running.image_name
         self.model_input = running.image

@@ -25,12 +25,16 @@ __all__ = [
     "LayerChoices",
     "TrainSettings",
     "button_states",
+    "check_job",
     "checked_images",
     "error_text",
     "export_format",
+    "export_name",
+    "export_path",
     "layer_choices",
     "make_job",
     "method_summary",
+    "run_label",
     "slice_count",
     "slice_span",
     "start_text",
@@ -152,10 +156,13 @@ class LayerChoices:
 
 
 def layer_choices(layers: Iterable, image_type: type, labels_type: type) -> LayerChoices:
-    """Which of ``layers`` the form offers; overlays are never inputs."""
+    """Which of ``layers`` the form offers; overlays are never inputs. Export offers the
+    predictions first (what a user exports), then the other labels layers; never a training
+    preview (a one-slice layer)."""
     layers = list(layers)
     images = [ly.name for ly in layers if isinstance(ly, image_type) and not is_overlay(ly)]
-    export = [ly.name for ly in layers if isinstance(ly, labels_type)]
+    export = [ly.name for ly in layers if isinstance(ly, labels_type) and not ly.name.endswith(" preview")]
+    export.sort(key=lambda name: not name.endswith(" prediction"))  # stable: predictions first
     labels = [ly.name for ly in layers if isinstance(ly, labels_type) and not is_overlay(ly)]
     return LayerChoices(images, labels, export)
 
@@ -192,13 +199,17 @@ def method_summary(cls) -> str:
     return cls.summary + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def button_states(*, busy: bool, model: Model | None, n_runs: int) -> dict[str, bool]:
-    """Enabled state of each button (by widget attribute name), plus ``"sample_row"``: whether
-    the sampling row is shown (hidden once a model that cannot sample is current)."""
+def button_states(*, busy: bool, model: Model | None, n_runs: int, interruptible: bool = False) -> dict[str, bool]:
+    """Enabled state of each button (by widget attribute name), plus what is shown:
+    ``"sample_row"`` (hidden once a model that cannot sample is current), ``"correct_box"``
+    and ``"suggestions_box"`` (only once there is a model: nothing to accept or rank before).
+
+    ``interruptible``: the running job only predicts (e.g. the volume after Stop); Train is
+    enabled then, and pressing it cancels that prediction and trains (issue 20 item 4)."""
     has_model = model is not None
     can_sample = has_model and bool(model.method.can_sample)
     return {
-        "train_button": not busy,
+        "train_button": not busy or interruptible,
         "predict_button": not busy and has_model,
         "stop_button": busy,
         "sample_button": not busy and can_sample,
@@ -207,6 +218,8 @@ def button_states(*, busy: bool, model: Model | None, n_runs: int) -> dict[str, 
         "rollback_button": not busy and n_runs > 0,
         "continue_check": has_model,
         "sample_row": not has_model or can_sample,
+        "correct_box": has_model,
+        "suggestions_box": has_model,
     }
 
 
@@ -230,6 +243,79 @@ def suggestion_feed(result: _jobs.JobResult, model: Model | None, model_image: s
     if model is not result.model or model_image not in layer_names:
         return None
     return "result" if result.uncertainty is not None else "model"
+
+
+def check_job(job: _jobs.TrainJob, method_cls, *, axis: int = 0) -> None:
+    """The checks the engine would make first, made in the viewer before any worker starts
+    (a worker takes seconds to start; issue 20 item 7).
+
+    Labels must fit the image; training needs an annotated slice (or a healthy tag) and,
+    for methods that learn from them (:attr:`~semiseg.methods.Method.needs_healthy`), a slice
+    tagged healthy. The messages are the engine's own. ``axis``: the training axis (a
+    continued model's own).
+
+    Raises
+    ------
+    InputError
+        With one line saying what to fix.
+    """
+    from ..data import HEALTHY, make_pools, validate_labels
+
+    spatial = tuple(job.image.shape[-3:])
+    labels = validate_labels(job.labels, spatial)
+    if not job.train:
+        return
+    make_pools(labels, job.tags, axis=axis, planes=job.planes)
+    if method_cls.needs_healthy and (job.tags is None or not (np.asarray(job.tags) == HEALTHY).any()):
+        raise InputError(
+            f"{method_cls.name} needs slices tagged healthy: tag some tumour-free slices healthy "
+            "(Tags dock, Shift-H) or choose another method"
+        )
+
+
+def run_label(info, *, today: str | None = None) -> str:
+    """A kept run as the runs list shows it: ``"supervised · 300 steps · 22:01"`` (the date
+    is added for runs of another day than ``today``, ``YYYYmmdd``)."""
+    stamp = info.run_id[:15]  # YYYYmmdd-HHMMSS
+    when = f"{stamp[9:11]}:{stamp[11:13]}" if len(stamp) == 15 and stamp[8] == "-" else info.run_id
+    if today is None:
+        import time
+
+        today = time.strftime("%Y%m%d")
+    if when != info.run_id and stamp[:8] != today:
+        when = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {when}"
+    return f"{info.method} · {info.steps} steps · {when}"
+
+
+#: File-dialog filters of the mask export, by format.
+EXPORT_FILTERS = {"zarr": "zarr (*.zarr)", "tiff": "TIFF (*.tif *.tiff)"}
+
+
+def export_name(layer_name: str, fmt: str = "zarr") -> str:
+    """Default file name of an exported mask: the layer's name, with ``mask`` added when it
+    has none of the words our reader opens as Labels (label, mask, seg)."""
+    from ._reader import LABEL_WORDS
+
+    stem = layer_name.strip().replace(" ", "-") or "mask"
+    if not any(w in stem.lower() for w in LABEL_WORDS):
+        stem += "-mask"
+    return stem + (".zarr" if fmt == "zarr" else ".tif")
+
+
+def export_path(path, selected_filter: str = "") -> str:
+    """The path to write: its suffix follows the filter chosen in the file dialog (a
+    ``.zarr`` name with the TIFF filter becomes ``.tif``, and back); a path without a known
+    suffix gets the filter's."""
+    p = Path(path)
+    fmt = next((f for f, text in EXPORT_FILTERS.items() if text == selected_filter), None)
+    suffix = p.suffix.lower()
+    known = suffix in (".zarr", ".tif", ".tiff")
+    if fmt is None:
+        return str(p if known else p.with_name(p.name + ".zarr"))
+    want = ".zarr" if fmt == "zarr" else ".tif"
+    if known and export_format(p) == fmt:
+        return str(p)
+    return str(p.with_suffix(want) if known else p.with_name(p.name + want))
 
 
 def export_format(path) -> str:

@@ -11,6 +11,8 @@ change); *Refresh* recomputes, e.g. with test-time augmentation switched on.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer, Signal
@@ -36,6 +38,41 @@ __all__ = ["SuggestionList"]
 
 def _layer_data(layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+#: A slice whose thumbnail has less than this share of cells above the volume's background
+#: is "nearly empty" (the edge slices of a head MRI): suggested only when nothing else is.
+EMPTY_SHARE = 0.05
+#: Such slices keep this share of their score: ranked after every other slice, in order.
+EMPTY_WEIGHT = 1e-6
+
+
+def near_empty_slices(descriptors) -> np.ndarray | None:
+    """``(n_slices,)`` bool: slices with almost no content, from the uncertainty pass's
+    thumbnails (:attr:`semiseg.suggest.UncertaintyResult.descriptors`; no image read).
+
+    Background is the volume's lowest thumbnail values: a cell counts as content when it is
+    above ``lo + 0.15 (hi - lo)`` (1st and 99th percentiles of all cells). None without
+    thumbnails.
+    """
+    if descriptors is None:
+        return None
+    d = np.asarray(descriptors, np.float64)
+    if d.ndim != 2 or d.size == 0:
+        return None
+    lo, hi = np.percentile(d, [1, 99])
+    if not hi > lo:
+        return np.zeros(len(d), bool)
+    content = (d > lo + 0.15 * (hi - lo)).mean(axis=1)
+    return content < EMPTY_SHARE
+
+
+def relative_words(score: float, top: float) -> str:
+    """A suggestion's score in words, relative to the best one (raw scores mean nothing to
+    a reader): ``"most uncertain"``, ``"80% as uncertain"``, ..."""
+    if top <= 0 or score >= top:
+        return "most uncertain"
+    return f"{max(1, round(100 * score / top))}% as uncertain"
 
 
 class SuggestionList(QWidget):
@@ -144,15 +181,19 @@ class SuggestionList(QWidget):
         if self.labels_layer is labels_layer:
             return
         if self.labels_layer is not None:
-            for ev in (self.labels_layer.events.paint, self.labels_layer.events.data):
+            ev_ = self.labels_layer.events
+            for ev in (ev_.paint, ev_.data, ev_.metadata):
                 try:
                     ev.disconnect(self._labels_changed)
                 except (TypeError, ValueError, RuntimeError):
                     pass
         self.labels_layer = labels_layer
         if labels_layer is not None:
+            # Painting, Undo (the Train dock's, through _layers.undo_edit) and tagging (tags
+            # live in the metadata) re-rank the list.
             labels_layer.events.paint.connect(self._labels_changed)
             labels_layer.events.data.connect(self._labels_changed)
+            labels_layer.events.metadata.connect(self._labels_changed)
 
     def _labels_changed(self, event=None) -> None:
         if self.result is not None:
@@ -218,9 +259,11 @@ class SuggestionList(QWidget):
         else:  # computed here from numpy; a lazy map is never read whole just for its range
             u = np.asarray(u)
             top = float(u.max()) if u.size else 0.0
+        # Hidden and translucent: shown on top (additive) it washed out the prediction the
+        # user wants to see after a run (issue 20 item 3); the user shows it when needed.
         self.uncertainty_layer = upsert(
             self.viewer, f"{self.image_layer.name} uncertainty", u, "image", like=self.image_layer,
-            colormap="magma", blending="additive", opacity=0.7,
+            colormap="magma", blending="translucent", opacity=0.5, visible=False,
             contrast_limits=(0.0, max(top, 1e-6)),
         )
         self.uncertainty_layer.contrast_limits = (0.0, max(top, 1e-6))
@@ -233,17 +276,27 @@ class SuggestionList(QWidget):
             return
         labels = np.asarray(_layer_data(self.labels_layer))
         tags = get_tags(self.labels_layer) if self.result.axis == 0 else None
+        result = self.result
+        empty = near_empty_slices(result.descriptors)
+        if empty is not None and empty.any() and not empty.all():
+            # Nearly empty slices come last: suggested only when nothing else is left.
+            mass = np.where(empty, np.asarray(result.mass, np.float64) * EMPTY_WEIGHT, result.mass)
+            result = dataclasses.replace(result, mass=mass)
         try:
-            found = suggest_slices(self.model, None, labels, n=self.n_spin.value(), tags=tags, result=self.result)
+            found = suggest_slices(self.model, None, labels, n=self.n_spin.value(), tags=tags, result=result)
         except ValueError as exc:  # InputError included: labels no longer fit the image
             self.status.setText(f"Suggestions unavailable: {exc}")
             return
         self.suggestions = found
         self.list.clear()
+        top = max((s.mass for s in found), default=0.0)
         for s in found:
-            item = QListWidgetItem(f"slice {s.index}    score {s.score:.3g}")
+            text = f"slice {s.index} · {relative_words(s.mass, top)}"
+            if empty is not None and empty[s.index]:
+                text += " (nearly empty)"
+            item = QListWidgetItem(text)
             item.setData(Qt.ItemDataRole.UserRole, s.index)
-            item.setToolTip(f"uncertainty mass {s.mass:.4g} before the diversity penalty")
+            item.setToolTip(f"score {s.score:.4g}; uncertainty mass {s.mass:.4g} before the diversity penalty")
             self.list.addItem(item)
         if found:
             self.status.setText(f"Label these slices next (best first); {self._method_note()}.")

@@ -150,16 +150,22 @@ class TagWidget(QWidget):
         self._on_layer_changed()
 
     def _on_layer_changed(self, *args):
+        if self._watched is not None and self._watched is self.labels_layer:
+            return  # another layer was added or removed: nothing to re-read (issue 20 item 4)
         if self._watched is not None:
             try:
                 self._watched.events.paint.disconnect(self._labels_changed)
                 self._watched.events.data.disconnect(self._labels_changed)
+                self._watched.events.metadata.disconnect(self._schedule)
             except (TypeError, ValueError, RuntimeError):
                 pass
         self._watched = self.labels_layer
         if self._watched is not None:
+            # paint also comes after the Train dock's Undo (_layers.undo_edit); metadata
+            # when another widget sets the tags.
             self._watched.events.paint.connect(self._labels_changed)
             self._watched.events.data.connect(self._labels_changed)
+            self._watched.events.metadata.connect(self._schedule)
         self._labels_changed()
 
     def _labels_changed(self, event=None):

@@ -19,7 +19,7 @@ import time
 import weakref
 from pathlib import Path
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 
 from .. import InputError, Model, get_method
@@ -30,22 +30,36 @@ from ._display import (
     UI_REFRESH_MS,
     ProgressThrottle,
     StagedDisplay,
+    freeze_startup_objects,
     gc_paused,
     output_steps,
+    show_idle,
     show_preview,
     show_progress,
     show_samples,
 )
-from ._layers import copy_prediction_slices, current_slice, get_tags, is_overlay, stack_channels
+from ._layers import (
+    copy_prediction_slices,
+    current_slice,
+    get_tags,
+    is_overlay,
+    stack_channels,
+    undo_edit,
+)
 from ._planes import planes_for_training, track_planes
 from ._session import LAZY_BYTES, Done, Running, Session
 from ._settings import (
+    EXPORT_FILTERS,
     button_states,
+    check_job,
     error_text,
     export_format,
+    export_name,
+    export_path,
     layer_choices,
     make_job,
     method_summary,
+    run_label,
     slice_count,
     slice_span,
     start_text,
@@ -110,13 +124,17 @@ class TrainWidget(QWidget):
         self.train_pressed_at: float | None = None
         self.first_preview_after: float | None = None
         self.preview_every = 2.0
+        self._job_failed = False
+        self._train_next = False  # Train was pressed while a prediction ran
+        self._choices = None  # the layer choices the form offers
         self._slice = 0
         self._plot_offset = 0
         self.display = StagedDisplay(self, on_error=self._report_error)
         self.throttle = ProgressThrottle(self, self._show_progress, running=lambda: self.session.busy)
         from ._suggest import SuggestionList
 
-        self.form = TrainForm(self, SuggestionList(self.viewer), f"training runs kept in {self.runs_dir}")
+        self.form = TrainForm(self, SuggestionList(self.viewer),
+                              f"the newest {self.session.keep_runs} training runs are kept in {self.runs_dir}")
         for name in WIDGETS:  # the form's widgets are the dock's attributes (tests, scripts)
             setattr(self, name, getattr(self.form, name))
         self._wire()
@@ -130,6 +148,7 @@ class TrainWidget(QWidget):
         self._on_device(self.device_combo.currentText())
         if self.pool is not None and prewarm:
             self.pool.prestart()
+        QTimer.singleShot(0, freeze_startup_objects)  # once napari has built the dock (item 4)
         atexit.register(_shutdown_ref, weakref.ref(self))
 
     # ------------------------------------------------------------------ the session's state
@@ -184,8 +203,11 @@ class TrainWidget(QWidget):
         from napari.layers import Image, Labels
 
         choices = layer_choices(self.viewer.layers, Image, Labels)
-        self.form.set_layers(choices)
-        for layer in self.viewer.layers:
+        if choices != self._choices:  # an overlay updated in place, a renamed preview: no change
+            self._choices = choices
+            self.form.set_layers(choices)
+        inserted = getattr(event, "value", None) if event is not None and event.type == "inserted" else None
+        for layer in [inserted] if inserted is not None else self.viewer.layers:
             if isinstance(layer, Labels) and not is_overlay(layer):
                 track_planes(self.viewer, layer)  # record the plane of every painted slice
         names = self.image_names()
@@ -220,7 +242,8 @@ class TrainWidget(QWidget):
             self.device_label.setText(f"unavailable ({exc})")
 
     def _update_buttons(self) -> None:
-        self.form.set_buttons(button_states(busy=self.session.busy, model=self.model, n_runs=self.runs_combo.count()))
+        self.form.set_buttons(button_states(busy=self.session.busy, model=self.model, n_runs=self.runs_combo.count(),
+                                            interruptible=self.session.interruptible))
 
     # ================================================================== running
     def _input_image(self):
@@ -248,11 +271,20 @@ class TrainWidget(QWidget):
 
     def _start(self, *, train: bool) -> None:
         if self.session.busy:
+            if train and self.session.interruptible:
+                # Train during a prediction (e.g. the volume after Stop): cancel it, train
+                # as soon as the job has ended (issue 20 item 4).
+                self.session.cancel()
+                self._train_next = True
+                self.status.setText("Cancelling the prediction; training starts next...")
             return
         self.train_pressed_at = time.perf_counter()
         self.first_preview_after = None
         try:
             job = self._make_job(train=train)
+            # The engine's first checks, here: a worker takes seconds to start (item 7).
+            continued = self.model is not None and (self.continue_check.isChecked() or not train)
+            check_job(job, get_method(job.method), axis=self.model.axis if continued else 0)
         except (InputError, ValueError, KeyError) as exc:
             self._report_error(exc)
             return
@@ -274,6 +306,7 @@ class TrainWidget(QWidget):
             self.status.setText(text)
 
     def _on_started(self, running: Running) -> None:
+        self._job_failed = False
         self.status.setText(start_text(running, self.backend))
         if running.kind != "sample":
             train = running.kind == "train"
@@ -287,6 +320,8 @@ class TrainWidget(QWidget):
 
     def _on_progress(self, p) -> None:
         """Store a Progress record; widgets are refreshed by the throttle."""
+        if p.phase != "train" and self.session.interruptible and not self.train_button.isEnabled():
+            self._update_buttons()  # training is over: Train may interrupt the prediction
         if p.phase == "train" and p.losses:
             self.loss_plot.add(self._plot_offset + p.step, p.losses)
         running = self.session.running
@@ -313,6 +348,8 @@ class TrainWidget(QWidget):
         if done.outputs is not None:
             self._queue_display(*output_steps(self.viewer, done.image_name, done.outputs,
                                               result.model.method.outputs, lambda: self.labels_layer))
+            # Export offers what the run made (issue 20 item 9).
+            self._queue_display(lambda: self.export_combo.setCurrentText(f"{done.image_name} prediction"))
         self.status.setText(done.message)
         self.continue_check.setChecked(True)
         if result.run is not None:
@@ -321,10 +358,22 @@ class TrainWidget(QWidget):
             self._queue_display(lambda: self._feed_suggestions(result, done.message))
 
     def _list_new_run(self, info) -> None:
-        """Put a run the job kept at the top of the runs list (no re-listing of the store)."""
-        self.runs_combo.insertItem(0, info.describe(), str(info.path))
+        """Put a run the job kept at the top of the runs list (no re-listing of the store);
+        the session pruned the store to its newest ``keep_runs``: so is the list."""
+        self._add_run(info, 0)
         self.runs_combo.setCurrentIndex(0)
+        while self.runs_combo.count() > self.session.keep_runs:
+            self.runs_combo.removeItem(self.runs_combo.count() - 1)
         self._update_buttons()
+
+    def _add_run(self, info, index: int | None = None) -> None:
+        text, path = run_label(info), str(info.path)
+        if index is None:
+            self.runs_combo.addItem(text, path)
+            index = self.runs_combo.count() - 1
+        else:
+            self.runs_combo.insertItem(index, text, path)
+        self.runs_combo.setItemData(index, f"{info.describe()}\n{path}", Qt.ItemDataRole.ToolTipRole)
 
     def _feed_suggestions(self, result: _jobs.JobResult, msg: str) -> None:
         feed = suggestion_feed(result, self.model, self.model_image, self.viewer.layers)
@@ -342,8 +391,13 @@ class TrainWidget(QWidget):
     def _on_finished(self, running: Running) -> None:
         if running is not None and running.kind != "sample":
             self.throttle.stop()
+            # Not "uncertainty 95/95 slices" or "training 0/20" once the job is over (item 3).
+            show_idle(self.progress, "failed" if self._job_failed else "done")
         self._update_buttons()
-        if self.pool is not None:
+        if self._train_next:
+            self._train_next = False
+            QTimer.singleShot(0, self.start_training)
+        elif self.pool is not None:
             # Warm the next worker a little later, not while the results are being drawn.
             QTimer.singleShot(1000, self.session.prestart)
 
@@ -351,6 +405,7 @@ class TrainWidget(QWidget):
         from napari.utils.notifications import show_error
 
         self.last_error = exc
+        self._job_failed = True
         text = error_text(exc, has_model=self.model is not None)
         self.status.setText(text)
         show_error(text)
@@ -369,20 +424,26 @@ class TrainWidget(QWidget):
             self._report_error(InputError("accepting needs a labels layer and a prediction"))
             return 0
         start, stop = slice_span(start, stop, current_slice(self.viewer, labels))
-        changed = copy_prediction_slices(labels, pred, start, stop)
-        self.status.setText(f"Accepted slices {start}..{stop}: {changed} pixels changed (Undo reverts)")
+        changed, skipped = copy_prediction_slices(labels, pred, start, stop,
+                                                  overwrite_painted=self.overwrite_check.isChecked())
+        text = f"Accepted slices {start}..{stop}: {changed} pixels changed (Undo reverts)"
+        if skipped:
+            text += (f"; kept your painted slice{'s' if len(skipped) > 1 else ''} "
+                     f"{', '.join(map(str, skipped))} (tick Overwrite painted slices to replace)")
+        self.status.setText(text)
         return changed
 
     def undo(self) -> None:
+        """Undo the last edit of the labels layer; the widgets that follow it are told."""
         labels = self.labels_layer
         if labels is not None:
-            labels.undo()
+            undo_edit(labels)
 
     # ================================================================== models, runs, files
     def refresh_runs(self) -> None:
         self.runs_combo.clear()
         for info in self.session.list_runs():
-            self.runs_combo.addItem(info.describe(), str(info.path))
+            self._add_run(info)
 
     def rollback(self, run_path) -> Model:
         """Load a kept run's model as the current model (continue training from it)."""
@@ -417,7 +478,8 @@ class TrainWidget(QWidget):
         self._update_buttons()
 
     def export_mask(self, path, layer_name: str | None = None) -> list[str]:
-        """Write a labels layer (default: the one chosen for export) to zarr or TIFF."""
+        """Write a labels layer (default: the one chosen for export, the prediction once there
+        is one) to zarr or TIFF; it re-opens as a Labels layer (:mod:`._writer`)."""
         from ._writer import write_labels_tiff, write_labels_zarr
 
         name = layer_name or self.export_combo.currentText()
@@ -446,11 +508,11 @@ class TrainWidget(QWidget):
             self._guard(self.load_model, path)
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export mask", f"{self.export_combo.currentText()}.zarr", "zarr (*.zarr);;TIFF (*.tif *.tiff)"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export mask", export_name(self.export_combo.currentText()), ";;".join(EXPORT_FILTERS.values())
         )
         if path:
-            self._guard(self.export_mask, path)
+            self._guard(self.export_mask, export_path(path, chosen))
 
     # ================================================================== teardown
     def shutdown(self) -> None:

@@ -22,10 +22,12 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from .. import TrainConfig, list_methods
 from ._combo import narrow_combo
@@ -41,7 +43,7 @@ WIDGETS = (
     "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "context_spin", "seed_spin", "device_combo",
     "device_label", "continue_check", "train_button", "predict_button", "stop_button",
     "progress", "status", "loss_plot", "accept_button", "undo_button", "range_from", "range_to",
-    "accept_range_button", "samples_spin", "sample_button", "sample_row", "save_button",
+    "accept_range_button", "overwrite_check", "samples_spin", "sample_button", "sample_row", "save_button",
     "load_button", "runs_combo", "rollback_button", "export_combo", "export_button", "suggestions",
 )
 
@@ -77,6 +79,25 @@ def _group(title, layout_cls=QVBoxLayout):
     return box, layout_cls(box)
 
 
+def _section(title, layout_cls=QVBoxLayout, *, expanded=True):
+    """A collapsible section (superqt's ``QCollapsible``) and the layout of its content."""
+    box = QCollapsible(title)
+    box.setDuration(0)  # no animation: software rendering repaints every frame of it
+    content = QWidget()
+    layout = layout_cls(content)
+    layout.setContentsMargins(4, 0, 0, 0)
+    box.addWidget(content)
+    if expanded:
+        box.expand(animate=False)
+    else:
+        box.collapse(animate=False)
+    return box, layout
+
+
+#: Sections of the dock shown only once there is a model (nothing to correct or rank before).
+MODEL_SECTIONS = ("correct_box", "suggestions_box")
+
+
 class TrainForm:
     """The Train dock's widgets, laid out on ``parent``.
 
@@ -91,7 +112,18 @@ class TrainForm:
     """
 
     def __init__(self, parent: QWidget, suggestions: QWidget, runs_tooltip: str = ""):
-        lay = QVBoxLayout(parent)
+        # The form scrolls inside the dock and its sections collapse, so that it fits a
+        # 900 px-high screen (issue 20 item 2): the parameters and the model/export section
+        # start collapsed, Correct and the suggestions appear once there is a model.
+        outer = QVBoxLayout(parent)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.body = QWidget()
+        self.scroll.setWidget(self.body)
+        outer.addWidget(self.scroll)
+        lay = QVBoxLayout(self.body)
 
         box, form = _group("Data", QFormLayout)
         self.image_list = QListWidget()
@@ -110,10 +142,13 @@ class TrainForm:
         self.method_summary.setWordWrap(True)
         v.addWidget(self.method_summary)
         self.params = ParamsForm()
-        v.addWidget(self.params)
+        self.params_box, pv = _section("Parameters", expanded=False)
+        pv.addWidget(self.params)
+        v.addWidget(self.params_box)
         lay.addWidget(box)
 
-        box, form = _group("Budget and device", QFormLayout)
+        box, form = _section("Budget and device", QFormLayout)
+        self.budget_box = box
         self.steps_spin = _spin(1, 1_000_000, 300)
         form.addRow("Steps", self.steps_spin)
         self.minutes_spin = _spin(0, 10_000, cls=QDoubleSpinBox)
@@ -158,12 +193,17 @@ class TrainForm:
         lay.addWidget(self.loss_plot)
 
         box, v = _group("Correct")
+        self.correct_box = box
         self.accept_button = _button("Accept slice", "Copy the prediction of the viewed slice into the labels")
         self.undo_button = _button("Undo", "Undo the last edit of the labels layer (also Ctrl+Z)")
         v.addLayout(_row(self.accept_button, self.undo_button))
         self.range_from, self.range_to = QSpinBox(), QSpinBox()
         self.accept_range_button = _button("Accept range")
         v.addLayout(_row("Slices", self.range_from, "to", self.range_to, self.accept_range_button))
+        # Accept never replaces what the user painted unless this is ticked (issue 20 item 6).
+        self.overwrite_check = QCheckBox("Overwrite painted slices")
+        self.overwrite_check.setToolTip("Unticked, Accept skips slices that already hold labels")
+        v.addWidget(self.overwrite_check)
         self.samples_spin = _spin(1, 64, 4)
         self.sample_button = _button("Sample tumours on this slice")
         self.sample_row = QWidget()
@@ -171,7 +211,8 @@ class TrainForm:
         v.addWidget(self.sample_row)
         lay.addWidget(box)
 
-        box, v = _group("Model and export")
+        box, v = _section("Model and export", expanded=False)
+        self.model_box = box
         self.save_button = _button("Save model...")
         self.load_button = _button("Load model...")
         v.addLayout(_row(self.save_button, self.load_button))
@@ -186,6 +227,7 @@ class TrainForm:
 
         # The suggestion list, fed the model and its uncertainty pass after every run.
         box, v = _group("Slices to annotate next")
+        self.suggestions_box = box
         self.suggestions = suggestions
         v.addWidget(suggestions)
         lay.addWidget(box)
@@ -240,7 +282,7 @@ class TrainForm:
     def set_buttons(self, states: dict[str, bool]) -> None:
         """Apply :func:`~._settings.button_states`."""
         for name, on in states.items():
-            if name == "sample_row":
-                self.sample_row.setVisible(on)
+            if name == "sample_row" or name in MODEL_SECTIONS:
+                getattr(self, name).setVisible(on)
             else:
                 getattr(self, name).setEnabled(on)
