@@ -84,14 +84,28 @@ def error_anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def run_one(method, sample_kind, k, seed, args, params) -> dict:
+def run_one(method, sample_kind, k, seed, args, params, placement=None) -> dict:
+    """Train ``method`` on sample ``sample_kind`` (seed) with K annotated slices and score it."""
+    return run_regimes(method, sample_kind, [(k, placement or args.placement[0])], seed, args, params)[0]
+
+
+def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
+    """Train once and score every ``(k, placement)`` regime: one row each.
+
+    A run with K annotated slices trains on one regime's labels (there must be one regime);
+    the upper bound (``--every-slice-labelled``) trains on the truth, which no regime changes
+    (the volume depends on the seed alone), so its one model is scored on each regime's
+    unannotated slices.
+    """
     import torch
 
     import semiseg
-    from semiseg.metrics import dice_per_class
 
     torch.set_num_threads(args.threads)
-    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k, placement=args.placement)
+    if len(regimes) > 1 and not args.every_slice_labelled:
+        raise ValueError("only the upper bound scores one model on several regimes")
+    k0, placement0 = regimes[0]
+    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k0, placement=placement0)
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
         batch_size=args.batch_size, crop=args.crop if sample_kind in ("phantom", "nuclei") else min(args.crop, 48),
@@ -108,17 +122,31 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     )
     train_s = time.perf_counter() - t0
     res = semiseg.predict_volume(model, sample.image)
-    keep = np.ones(len(sample.truth), bool)
-    keep[sample.annotated] = False
-    hard = dice_per_class(res["mask"], sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
-    soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
     # The same weights predicting every slice whole, as before prediction used windows of the
     # training crop (semiseg.inference): what the windows are worth.
     tile, model.tile_size = model.tile_size, None
     whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
     model.tile_size = tile
-    whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     h = model.history[-1]
+    rows = []
+    for k, placement in regimes:
+        scored = sample if (k, placement) == (k0, placement0) else semiseg.make_sample(
+            sample_kind, seed=seed, labelled=k, placement=placement)
+        if not np.array_equal(scored.truth, sample.truth):
+            raise RuntimeError("the sample's volume changed with K or the placement")
+        rows.append(score_row(method, sample_kind, k, placement, seed, args, params, scored, res, whole, h, train_s))
+    return rows
+
+
+def score_row(method, sample_kind, k, placement, seed, args, params, sample, res, whole, h, train_s) -> dict:
+    """One result row: the prediction ``res`` scored on the slices ``sample`` leaves unannotated."""
+    from semiseg.metrics import dice_per_class
+
+    keep = np.ones(len(sample.truth), bool)
+    keep[sample.annotated] = False
+    hard = dice_per_class(res["mask"], sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+    soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
+    whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     return {
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
         "dice": round(hard, 4), "soft_dice": round(soft, 4), "dice_whole_slices": round(whole_dice, 4),
@@ -126,7 +154,7 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
         "steps": h["steps"], "train_seconds": round(train_s, 1),
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
         "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
-        "every_slice_labelled": bool(args.every_slice_labelled), "placement": args.placement,
+        "every_slice_labelled": bool(args.every_slice_labelled), "placement": placement,
         "context": args.context, "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -309,8 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "nuclei", "digits"])
     p.add_argument("--k", nargs="+", type=int, default=[1, 3, 5])
-    p.add_argument("--placement", choices=["even", "clustered", "random"], default="even",
-                   help="where the K annotated slices lie among the structure-bearing slices")
+    p.add_argument("--placement", nargs="+", choices=["even", "clustered", "random"], default=["even"],
+                   help="where the K annotated slices lie among the structure-bearing slices (one or more)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=1.0, help="training budget per run")
     p.add_argument("--clock", choices=["wall", "process"], default="process")
@@ -335,11 +363,18 @@ def main(argv=None) -> int:
     methods = args.methods or semiseg.list_methods()
     params = parse_params(args.param)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    regimes = [(k, pl) for pl in args.placement for k in args.k]
     for sample in args.samples:
-        for k in args.k:
+        if args.every_slice_labelled:  # one model per seed, scored on every regime
             for seed in args.seeds:
                 for m in methods:
-                    append_result(args.out, run_one(m, sample, k, seed, args, params.get(m, {})))
+                    for row in run_regimes(m, sample, regimes, seed, args, params.get(m, {})):
+                        append_result(args.out, row)
+            continue
+        for k, placement in regimes:
+            for seed in args.seeds:
+                for m in methods:
+                    append_result(args.out, run_one(m, sample, k, seed, args, params.get(m, {}), placement))
     return 0
 
 
