@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _stats import paired_difference
+from _stats import gap_share, paired_difference
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "annotation_efficiency.jsonl"
@@ -124,9 +124,11 @@ def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
     res = semiseg.predict_volume(model, sample.image)
     # The same weights predicting every slice whole, as before prediction used windows of the
     # training crop (semiseg.inference): what the windows are worth.
-    tile, model.tile_size = model.tile_size, None
-    whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
-    model.tile_size = tile
+    whole = None
+    if args.whole_slices:
+        tile, model.tile_size = model.tile_size, None
+        whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
+        model.tile_size = tile
     h = model.history[-1]
     rows = []
     for k, placement in regimes:
@@ -146,10 +148,13 @@ def score_row(method, sample_kind, k, placement, seed, args, params, sample, res
     keep[sample.annotated] = False
     hard = dice_per_class(res["mask"], sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
-    whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+    whole_dice = {}
+    if whole is not None:
+        d = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+        whole_dice = {"dice_whole_slices": round(d, 4)}
     return {
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
-        "dice": round(hard, 4), "soft_dice": round(soft, 4), "dice_whole_slices": round(whole_dice, 4),
+        "dice": round(hard, 4), "soft_dice": round(soft, 4), **whole_dice,
         "errors": error_anatomy(res["mask"][keep] == 1, sample.truth[keep] == 1),
         "steps": h["steps"], "train_seconds": round(train_s, 1),
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
@@ -215,20 +220,62 @@ def group_table(groups: dict[tuple, list[dict]], columns: list[str], cells) -> s
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def partner_key(key: tuple, row: dict, method: str = "supervised", *, bound: bool = False) -> tuple:
+    """The group key of ``method``'s runs in the same regime as ``row`` (sample, K, budget,
+    placement, context, annealing; default parameters), or of the full-supervision bound."""
+    sample, _, k, budget, clock = key
+    partner = {"method": method, "params": {}, "anneal": row.get("anneal"), "every_slice_labelled": bound,
+               "placement": row.get("placement", "even"), "context": row.get("context")}
+    return (sample, variant(partner), k, budget, clock)
+
+
+def by_seed(rows: list[dict]) -> dict[int, float]:
+    """Dice by seed; a seed measured twice keeps its first run."""
+    out: dict[int, float] = {}
+    for r in rows:
+        out.setdefault(r["seed"], r["dice"])
+    return out
+
+
+def gap_table(groups: dict[tuple, list[dict]], baseline: str = "supervised") -> str:
+    """Each method's share of the ``baseline``-to-bound gap (:func:`_stats.gap_share`): the
+    bound is ``baseline`` trained on every slice's truth, scored on the same slices; seeds
+    without all three runs are left out."""
+
+    def cells(key, rs):
+        if rs[0].get("every_slice_labelled") or key[1] == variant({**rs[0], "method": baseline, "params": {}}):
+            return None
+        base = by_seed(groups.get(partner_key(key, rs[0], baseline), []))
+        full = by_seed(groups.get(partner_key(key, rs[0], baseline, bound=True), []))
+        mine = by_seed(rs)
+        seeds = sorted(set(mine) & set(base) & set(full))
+        if len(seeds) < 2:
+            return None
+        trio = [[d[s] for s in seeds] for d in (mine, base, full)]
+        means = [f"{np.mean(v):.3f}" for v in trio]
+        g = gap_share(*trio)
+        share = "undefined (no gap)" if g is None else f"{g['share']:+.0%} [{g['low']:+.0%}, {g['high']:+.0%}]"
+        return [*means, share, str(len(seeds))]
+
+    columns = ["Dice", f"`{baseline}`", "bound", "gap share (mean [95 % interval])", "seeds"]
+    return group_table(groups, columns, cells)
+
+
 def paired_table(groups: dict[tuple, list[dict]], baseline: str = "supervised") -> str:
-    """Each method minus ``baseline`` on the same seeds (same volume, same crops drawn first).
+    """Each method minus ``baseline`` on the same seeds (same volume, same crops drawn first),
+    in the same regime (placement, context, annealing).
 
     Every seed is a different synthetic volume and the seed-to-seed spread is large, so the
     paired difference with a bootstrap interval over seeds is the fair comparison.
     """
 
     def cells(key, rs):
-        sample, method, k, budget, clock = key
-        base = groups.get((sample, baseline, k, budget, clock))
-        if method == baseline or not base:
+        method = key[1]
+        base = groups.get(partner_key(key, rs[0], baseline))
+        if method == baseline or not base or key == partner_key(key, rs[0], baseline):
             return None
-        base_by_seed = {r["seed"]: r["dice"] for r in base}
-        pairs = [(r["dice"], base_by_seed[r["seed"]]) for r in rs if r["seed"] in base_by_seed]
+        base_by_seed, mine = by_seed(base), by_seed(rs)
+        pairs = [(d, base_by_seed[s]) for s, d in mine.items() if s in base_by_seed]
         if len(pairs) < 2:
             return None
         a, b = np.array(pairs).T
@@ -293,7 +340,7 @@ def report(path: Path, out_md: Path, out_png: Path) -> str:
             f"| {s.mean():.3f} | {steps} | {len(rs)} |"
         )
     table = "\n".join(lines)
-    for extra in (paired_table(groups), whole_slice_table(groups), error_table(groups)):
+    for extra in (paired_table(groups), gap_table(groups), whole_slice_table(groups), error_table(groups)):
         if extra:
             table += "\n\n" + extra
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-tags", dest="tags", action="store_false", help="hide weak tags from methods")
     p.add_argument("--every-slice-labelled", action="store_true",
                    help="upper bound: train on the truth of every slice, score the slices a K-slice run leaves")
+    p.add_argument("--no-whole-slices", dest="whole_slices", action="store_false",
+                   help="skip the second prediction (whole slices instead of windows) and its Dice")
     p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate results and exit")
