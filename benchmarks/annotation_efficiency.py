@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _stats import paired_difference
+from _stats import gap_share, paired_difference
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "annotation_efficiency.jsonl"
@@ -84,14 +84,28 @@ def error_anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def run_one(method, sample_kind, k, seed, args, params) -> dict:
+def run_one(method, sample_kind, k, seed, args, params, placement=None) -> dict:
+    """Train ``method`` on sample ``sample_kind`` (seed) with K annotated slices and score it."""
+    return run_regimes(method, sample_kind, [(k, placement or args.placement[0])], seed, args, params)[0]
+
+
+def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
+    """Train once and score every ``(k, placement)`` regime: one row each.
+
+    A run with K annotated slices trains on one regime's labels (there must be one regime);
+    the upper bound (``--every-slice-labelled``) trains on the truth, which no regime changes
+    (the volume depends on the seed alone), so its one model is scored on each regime's
+    unannotated slices.
+    """
     import torch
 
     import semiseg
-    from semiseg.metrics import dice_per_class
 
     torch.set_num_threads(args.threads)
-    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k, placement=args.placement)
+    if len(regimes) > 1 and not args.every_slice_labelled:
+        raise ValueError("only the upper bound scores one model on several regimes")
+    k0, placement0 = regimes[0]
+    sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k0, placement=placement0)
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
         batch_size=args.batch_size, crop=args.crop if sample_kind != "digits" else min(args.crop, 48),
@@ -108,25 +122,44 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     )
     train_s = time.perf_counter() - t0
     res = semiseg.predict_volume(model, sample.image)
+    # The same weights predicting every slice whole, as before prediction used windows of the
+    # training crop (semiseg.inference): what the windows are worth.
+    whole = None
+    if args.whole_slices:
+        tile, model.tile_size = model.tile_size, None
+        whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
+        model.tile_size = tile
+    h = model.history[-1]
+    rows = []
+    for k, placement in regimes:
+        scored = sample if (k, placement) == (k0, placement0) else semiseg.make_sample(
+            sample_kind, seed=seed, labelled=k, placement=placement)
+        if not np.array_equal(scored.truth, sample.truth):
+            raise RuntimeError("the sample's volume changed with K or the placement")
+        rows.append(score_row(method, sample_kind, k, placement, seed, args, params, scored, res, whole, h, train_s))
+    return rows
+
+
+def score_row(method, sample_kind, k, placement, seed, args, params, sample, res, whole, h, train_s) -> dict:
+    """One result row: the prediction ``res`` scored on the slices ``sample`` leaves unannotated."""
+    from semiseg.metrics import dice_per_class
+
     keep = np.ones(len(sample.truth), bool)
     keep[sample.annotated] = False
     hard = dice_per_class(res["mask"], sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     soft = soft_dice(res["probabilities"][1][keep], sample.truth[keep])
-    # The same weights predicting every slice whole, as before prediction used windows of the
-    # training crop (semiseg.inference): what the windows are worth.
-    tile, model.tile_size = model.tile_size, None
-    whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
-    model.tile_size = tile
-    whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
-    h = model.history[-1]
+    whole_dice = {}
+    if whole is not None:
+        d = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+        whole_dice = {"dice_whole_slices": round(d, 4)}
     return {
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
-        "dice": round(hard, 4), "soft_dice": round(soft, 4), "dice_whole_slices": round(whole_dice, 4),
+        "dice": round(hard, 4), "soft_dice": round(soft, 4), **whole_dice,
         "errors": error_anatomy(res["mask"][keep] == 1, sample.truth[keep] == 1),
         "steps": h["steps"], "train_seconds": round(train_s, 1),
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
         "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
-        "every_slice_labelled": bool(args.every_slice_labelled), "placement": args.placement,
+        "every_slice_labelled": bool(args.every_slice_labelled), "placement": placement,
         "context": args.context, "loadavg": round(os.getloadavg()[0], 2), "host": platform.node(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -187,20 +220,62 @@ def group_table(groups: dict[tuple, list[dict]], columns: list[str], cells) -> s
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def partner_key(key: tuple, row: dict, method: str = "supervised", *, bound: bool = False) -> tuple:
+    """The group key of ``method``'s runs in the same regime as ``row`` (sample, K, budget,
+    placement, context, annealing; default parameters), or of the full-supervision bound."""
+    sample, _, k, budget, clock = key
+    partner = {"method": method, "params": {}, "anneal": row.get("anneal"), "every_slice_labelled": bound,
+               "placement": row.get("placement", "even"), "context": row.get("context")}
+    return (sample, variant(partner), k, budget, clock)
+
+
+def by_seed(rows: list[dict]) -> dict[int, float]:
+    """Dice by seed; a seed measured twice keeps its first run."""
+    out: dict[int, float] = {}
+    for r in rows:
+        out.setdefault(r["seed"], r["dice"])
+    return out
+
+
+def gap_table(groups: dict[tuple, list[dict]], baseline: str = "supervised") -> str:
+    """Each method's share of the ``baseline``-to-bound gap (:func:`_stats.gap_share`): the
+    bound is ``baseline`` trained on every slice's truth, scored on the same slices; seeds
+    without all three runs are left out."""
+
+    def cells(key, rs):
+        if rs[0].get("every_slice_labelled") or key[1] == variant({**rs[0], "method": baseline, "params": {}}):
+            return None
+        base = by_seed(groups.get(partner_key(key, rs[0], baseline), []))
+        full = by_seed(groups.get(partner_key(key, rs[0], baseline, bound=True), []))
+        mine = by_seed(rs)
+        seeds = sorted(set(mine) & set(base) & set(full))
+        if len(seeds) < 2:
+            return None
+        trio = [[d[s] for s in seeds] for d in (mine, base, full)]
+        means = [f"{np.mean(v):.3f}" for v in trio]
+        g = gap_share(*trio)
+        share = "undefined (no gap)" if g is None else f"{g['share']:+.0%} [{g['low']:+.0%}, {g['high']:+.0%}]"
+        return [*means, share, str(len(seeds))]
+
+    columns = ["Dice", f"`{baseline}`", "bound", "gap share (mean [95 % interval])", "seeds"]
+    return group_table(groups, columns, cells)
+
+
 def paired_table(groups: dict[tuple, list[dict]], baseline: str = "supervised") -> str:
-    """Each method minus ``baseline`` on the same seeds (same volume, same crops drawn first).
+    """Each method minus ``baseline`` on the same seeds (same volume, same crops drawn first),
+    in the same regime (placement, context, annealing).
 
     Every seed is a different synthetic volume and the seed-to-seed spread is large, so the
     paired difference with a bootstrap interval over seeds is the fair comparison.
     """
 
     def cells(key, rs):
-        sample, method, k, budget, clock = key
-        base = groups.get((sample, baseline, k, budget, clock))
-        if method == baseline or not base:
+        method = key[1]
+        base = groups.get(partner_key(key, rs[0], baseline))
+        if method == baseline or not base or key == partner_key(key, rs[0], baseline):
             return None
-        base_by_seed = {r["seed"]: r["dice"] for r in base}
-        pairs = [(r["dice"], base_by_seed[r["seed"]]) for r in rs if r["seed"] in base_by_seed]
+        base_by_seed, mine = by_seed(base), by_seed(rs)
+        pairs = [(d, base_by_seed[s]) for s, d in mine.items() if s in base_by_seed]
         if len(pairs) < 2:
             return None
         a, b = np.array(pairs).T
@@ -265,7 +340,7 @@ def report(path: Path, out_md: Path, out_png: Path) -> str:
             f"| {s.mean():.3f} | {steps} | {len(rs)} |"
         )
     table = "\n".join(lines)
-    for extra in (paired_table(groups), whole_slice_table(groups), error_table(groups)):
+    for extra in (paired_table(groups), gap_table(groups), whole_slice_table(groups), error_table(groups)):
         if extra:
             table += "\n\n" + extra
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -309,8 +384,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--samples", nargs="+", default=["phantom", "digits"], choices=["phantom", "nuclei", "head", "digits"])
     p.add_argument("--k", nargs="+", type=int, default=[1, 3, 5])
-    p.add_argument("--placement", choices=["even", "clustered", "random"], default="even",
-                   help="where the K annotated slices lie among the structure-bearing slices")
+    p.add_argument("--placement", nargs="+", choices=["even", "clustered", "random"], default=["even"],
+                   help="where the K annotated slices lie among the structure-bearing slices (one or more)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=1.0, help="training budget per run")
     p.add_argument("--clock", choices=["wall", "process"], default="process")
@@ -325,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-tags", dest="tags", action="store_false", help="hide weak tags from methods")
     p.add_argument("--every-slice-labelled", action="store_true",
                    help="upper bound: train on the truth of every slice, score the slices a K-slice run leaves")
+    p.add_argument("--no-whole-slices", dest="whole_slices", action="store_false",
+                   help="skip the second prediction (whole slices instead of windows) and its Dice")
     p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", action="store_true", help="aggregate results and exit")
@@ -335,11 +412,18 @@ def main(argv=None) -> int:
     methods = args.methods or semiseg.list_methods()
     params = parse_params(args.param)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    regimes = [(k, pl) for pl in args.placement for k in args.k]
     for sample in args.samples:
-        for k in args.k:
+        if args.every_slice_labelled:  # one model per seed, scored on every regime
             for seed in args.seeds:
                 for m in methods:
-                    append_result(args.out, run_one(m, sample, k, seed, args, params.get(m, {})))
+                    for row in run_regimes(m, sample, regimes, seed, args, params.get(m, {})):
+                        append_result(args.out, row)
+            continue
+        for k, placement in regimes:
+            for seed in args.seeds:
+                for m in methods:
+                    append_result(args.out, run_one(m, sample, k, seed, args, params.get(m, {}), placement))
     return 0
 
 

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _stats import paired_difference
-from annotation_efficiency import error_anatomy, paired_table, variant
+from _stats import gap_share, paired_difference
+from annotation_efficiency import error_anatomy, gap_table, paired_table, variant
 
 
 def test_error_anatomy_splits_missed_regions_from_borders():
@@ -64,3 +64,49 @@ def test_paired_table_pairs_by_seed():
     }
     table = paired_table(groups)
     assert "| phantom | bound | 5 | 1.0 min process | +0.050 [+0.050, +0.050] | 3/3 seeds |" in table
+
+
+def test_gap_share_on_hand_made_numbers():
+    sup, full = [0.5, 0.6, 0.7], [0.7, 0.8, 0.9]  # a gap of 0.2 on every seed
+    half = gap_share([0.6, 0.7, 0.8], sup, full)
+    assert half["share"] == pytest.approx(0.5) and half["gap"] == pytest.approx(0.2)
+    assert half["low"] == pytest.approx(0.5) and half["high"] == pytest.approx(0.5)
+    # a method below supervised recovers a negative share
+    assert gap_share([0.45, 0.55, 0.65], sup, full)["share"] == pytest.approx(-0.25)
+    # uneven gains: the share is the ratio of the mean gain to the mean gap, inside its interval
+    g = gap_share([0.7, 0.6, 0.75], sup, full)
+    assert g["share"] == pytest.approx((0.2 + 0.0 + 0.05) / 3 / 0.2)
+    assert g["low"] < g["share"] < g["high"] and g["low"] >= 0.0 and g["high"] <= 1.0 + 1e-9
+
+
+def test_gap_share_of_a_zero_or_tiny_gap_is_undefined():
+    sup = [0.5, 0.6, 0.7]
+    assert gap_share([0.6, 0.7, 0.8], sup, sup) is None  # zero gap: never divided by zero
+    assert gap_share([0.6, 0.7, 0.8], sup, [0.505, 0.605, 0.705]) is None  # below min_gap
+    assert gap_share([0.6, 0.7, 0.8], sup, [0.4, 0.5, 0.6]) is None  # the bound below supervised
+    with pytest.raises(ValueError):
+        gap_share([0.6], sup, sup)
+
+
+def test_gap_table_pairs_each_method_with_supervised_and_the_bound_of_its_regime():
+    def rows(method, dice_by_seed, placement="clustered", **extra):
+        return [{"method": method, "seed": s, "dice": d, "params": {}, "anneal": 0.0, "placement": placement,
+                 "context": 0, **extra} for s, d in dice_by_seed.items()]
+
+    def key(name):
+        return ("phantom", name, 5, 1.0, "process")
+
+    groups = {
+        key("supervised (clustered slices)"): rows("supervised", {0: 0.5, 1: 0.6}),
+        key("supervised (every slice labelled, clustered slices)"): rows(
+            "supervised", {0: 0.7, 1: 0.8, 2: 0.9}, every_slice_labelled=True),
+        key("self-training (clustered slices)"): rows("self-training", {0: 0.6, 1: 0.7, 2: 0.1}),
+        # another regime's supervised runs must not be the baseline
+        key("supervised"): rows("supervised", {0: 0.0, 1: 0.0}, placement="even"),
+        key("mean-teacher (clustered slices)"): rows("mean-teacher", {0: 0.5, 1: 0.6}),
+    }
+    table = gap_table(groups)
+    # seed 2 lacks a supervised run: left out
+    assert "| self-training (clustered slices) | 5 | 1.0 min process | 0.650 | 0.550 | 0.750 | +50% [+50%, +50%] | 2 |" in table
+    assert "| mean-teacher (clustered slices) | 5 | 1.0 min process | 0.550 | 0.550 | 0.750 | +0% [+0%, +0%] | 2 |" in table
+    assert "| supervised" not in table.split("\n", 2)[2]  # neither the baseline nor the bound is a row

@@ -240,3 +240,34 @@ def test_python_dash_m_and_no_traceback(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+
+
+def test_continue_with_another_method_is_refused_and_names_init_from(sample_dir, model_path, tmp_path, capsys):
+    image, labels = str(sample_dir / "image.tif"), str(sample_dir / "labels.tif")
+    out = tmp_path / "mt.pt"
+    capsys.readouterr()
+    code = main(["train", image, labels, "-o", str(out), "--continue-from", str(model_path),
+                 "--method", "mean-teacher", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'supervised'" in err and f"--init-from {model_path}" in err
+    assert not out.exists()
+    # the model's own method, named or not, continues it
+    assert main(["train", image, labels, "-o", str(out), "--continue-from", str(model_path),
+                 "--method", "supervised", *TINY]) == 0
+    code = main(["train", image, labels, "-o", str(out), "--continue-from", str(model_path),
+                 "--init-from", str(model_path), *TINY])
+    assert code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_method_from_the_models_weights(sample_dir, model_path, tmp_path):
+    import semiseg
+
+    image, labels = str(sample_dir / "image.tif"), str(sample_dir / "labels.tif")
+    out = tmp_path / "st.pt"
+    args = ["train", image, labels, "-o", str(out), "--init-from", str(model_path), "--method", "self-training",
+            "--steps", "2", "--batch-size", "2", "--crop", "32", "--no-runs"]
+    assert main(args) == 0  # features come from the model: no --param needed
+    model = semiseg.load_model(out)
+    assert model.method.name == "self-training" and model.method.params.features == (8, 16)
+    assert [h["method"] for h in model.history] == ["supervised", "self-training"]

@@ -11,13 +11,13 @@ import semiseg
 from semiseg.methods import get_method
 from semiseg.methods.autoencoder import ReconstructionDecoder
 
-METHODS = ["autoencoder", "mean-teacher", "entropy-min", "mutual-info"]
+METHODS = ["autoencoder", "mean-teacher", "entropy-min", "mutual-info", "self-training"]
 TINY = {"features": (8, 16)}
 
 
 def base_params(name):
     """Tiny nets; unsupervised terms from the first step."""
-    return {**TINY, **({} if name == "autoencoder" else {"warmup_steps": 0})}
+    return {**TINY, "warmup": 0.0}
 
 
 def make(name, **params):
@@ -63,8 +63,9 @@ def test_two_steps_finite_and_shapes(name):
     [
         ("autoencoder", {"dice_loss", "ce", "rec"}),
         ("mean-teacher", {"dice_loss", "ce", "consistency"}),
-        ("entropy-min", {"dice_loss", "ce", "entropy"}),
+        ("entropy-min", {"dice_loss", "ce", "entropy", "prior"}),
         ("mutual-info", {"dice_loss", "ce", "mi", "reg"}),
+        ("self-training", {"dice_loss", "ce", "pseudo"}),
     ],
 )
 def test_named_losses(name, keys):
@@ -143,11 +144,11 @@ def test_mean_teacher_uncertainty_zero_when_identical():
 
 
 def test_mean_teacher_paper_variant_and_rampup():
-    m = make("mean-teacher", ema_decay=0.99, ema_warmup=False, consistency_weight=0.01, rampup_steps=0)
+    m = make("mean-teacher", ema_decay=0.99, ema_warmup=False, consistency_weight=0.01, rampup=0)
     assert m.consistency_weight() == pytest.approx(0.01)
-    m2 = make("mean-teacher", consistency_weight=1.0, rampup_steps=100)
+    m2 = make("mean-teacher", consistency_weight=1.0, rampup=0.5)
     assert m2.consistency_weight() == pytest.approx(math.exp(-5))
-    m2.step = 100
+    m2.progress = 0.5  # the ramp follows the run's progress, not the step count
     assert m2.consistency_weight() == pytest.approx(1.0)
 
 
@@ -194,11 +195,11 @@ def test_params_from_strings():
     ("name", "term"), [("mean-teacher", "consistency"), ("entropy-min", "entropy"), ("mutual-info", "mi")]
 )
 def test_warmup_is_supervised_only(name, term):
-    m = make(name, warmup_steps=2)
+    m = make(name, warmup=0.5)
     batch = tiny_batch()
     del batch["unlabelled"]  # not even looked at during the warm-up
     assert term not in m.training_step(batch)
-    m.step = 2
+    m.progress = 0.5
     assert term in m.training_step(tiny_batch())
 
 

@@ -21,7 +21,8 @@ class CLIError(Exception):
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="supervised", help="registered method (see `semiseg methods`)")
+    p.add_argument("--method", help="registered method (see `semiseg methods`; default supervised, "
+                                    "or the model's with --continue-from)")
     p.add_argument("--weak", metavar="WEAK.csv", help="per-slice weak tags: CSV with columns slice,diseased")
     p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
     p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes")
@@ -68,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("labels")
     p.add_argument("-o", "--output", required=True, metavar="MODEL")
-    p.add_argument("--continue-from", metavar="MODEL", help="continue training this model")
+    p.add_argument("--continue-from", metavar="MODEL", help="continue training this model (its own method)")
+    p.add_argument(
+        "--init-from", metavar="MODEL",
+        help="start a new --method model from this model's segmentation weights (a warm start: "
+             "refine a supervised model with a semi-supervised method)",
+    )
     p.add_argument("--runs-dir", metavar="DIR", help="where to keep each run's model (default MODEL.runs)")
     p.add_argument("--no-runs", action="store_true", help="do not keep a snapshot of this run")
     p.add_argument(
@@ -178,34 +184,46 @@ def _progress_bar(total: int, desc: str):
     return progress_bar(total, desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=quiet)
 
 
-def _train(image, labels, tags, args, model=None, planes=None):
+def _check_continue(args, model) -> None:
+    """Refuse ``--continue-from`` with another ``--method``: it would train the model's method."""
+    mine = model.method.name
+    if args.method is not None and args.method != mine:
+        raise CLIError(
+            f"{args.continue_from} holds a {mine!r} model and --continue-from trains it on as {mine!r}; "
+            f"to start a {args.method!r} model from its weights use --init-from {args.continue_from}"
+        )
+
+
+def _train(image, labels, tags, args, model=None, planes=None, init_from=None):
     from .engine import TrainConfig, iter_train
     from .methods import get_method
     from .progress import run
 
+    method = model.method.name if model is not None else (args.method or "supervised")
     if model is None:
-        get_method(args.method)  # unknown names fail before any work
+        get_method(method)  # unknown names fail before any work
     params = _parse_params(args.param)
     config = TrainConfig(
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
         crop=args.crop, seed=args.seed, axis=args.axis, compile=args.compile,
         **({} if args.anneal is None else {"anneal": args.anneal}),
-        **_context_option(args, model),
+        **_context_option(args, model or init_from),
     )
     gen = iter_train(
-        image, labels, tags=tags, method=args.method, params=params or None, config=config,
+        image, labels, tags=tags, method=method, params=params or None, config=config,
         model=model, device=args.device, amp=not args.no_amp,
-        planes=planes,
+        planes=planes, init_from=init_from,
     )
     # Run the first step (input validation) before opening a progress bar.
     first = next(gen)
-    with _progress_bar(config.steps, f"train {args.method}") as update:
+    with _progress_bar(config.steps, f"train {method}") as update:
         update(first)
         return run(gen, update)
 
 
 def _context_option(args, model) -> dict:
-    """``TrainConfig`` keyword for ``--context``: given, the model's when continuing, or none."""
+    """``TrainConfig`` keyword for ``--context``: given, the model's when continuing or
+    starting from one, or none."""
     if args.context is not None:
         return {"context": args.context}
     return {} if model is None else {"context": model.context}
@@ -278,6 +296,8 @@ def cmd_train(args) -> int:
     from .model import Model
     from .runs import default_runs_dir, save_run
 
+    if args.continue_from and args.init_from:
+        raise CLIError("give --continue-from (train the model on) or --init-from (start a new model from it), not both")
     out = Path(args.output)
     _check_folder(out)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(out)
@@ -292,8 +312,13 @@ def cmd_train(args) -> int:
     distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     rank = distributed.rank()
     try:
-        model = Model.load(args.continue_from, device=_device(args.device)) if args.continue_from else None
-        model = _train(image, labels, tags, args, model=model, planes=planes)
+        model = init = None
+        if args.continue_from:
+            model = Model.load(args.continue_from, device=_device(args.device))
+            _check_continue(args, model)
+        elif args.init_from:
+            init = Model.load(args.init_from, device=_device(args.device))
+        model = _train(image, labels, tags, args, model=model, planes=planes, init_from=init)
     finally:
         if distributed.is_active():
             distributed.cleanup()

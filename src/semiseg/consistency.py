@@ -28,15 +28,19 @@ from torch.nn import functional as F
 
 __all__ = [
     "Dihedral",
+    "check_shares",
     "clamped_noise",
     "ema_decay",
+    "ema_decay_for_run",
     "ema_update",
     "joint_distribution",
     "mutual_information",
     "mutual_information_from_joint",
     "pixel_entropy",
     "pixel_kl",
+    "progress_weight",
     "random_dihedral",
+    "random_intensity",
     "sigmoid_rampup",
     "unlabelled_count",
     "unsupervised_weight",
@@ -124,6 +128,28 @@ def clamped_noise(x: torch.Tensor, std: float, clamp: float) -> torch.Tensor:
     if clamp > 0:
         noise = noise.clamp(-clamp, clamp)
     return x + noise
+
+
+def random_intensity(
+    x: torch.Tensor, *, contrast: float = 0.25, shift: float = 0.25, noise_std: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A photometric perturbation of each sample of ``x`` (N, C, H, W): ``a x + b + n`` with a
+    contrast ``a`` drawn in ``[1 - contrast, 1 + contrast]`` and a shift ``b`` in
+    ``[-shift, shift]`` per sample (and channel), plus Gaussian noise ``n`` of ``noise_std``.
+
+    The intensity part of the strong view of FixMatch-style self-training (normalised
+    intensity units); it moves no pixel, so labels of ``x`` are labels of the result.
+    """
+    n, c = x.shape[:2]
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    u = torch.rand((2, *shape), generator=generator).to(x.device, x.dtype)
+    a = 1.0 + contrast * (2 * u[0] - 1)
+    b = shift * (2 * u[1] - 1)
+    out = a * x + b
+    if noise_std > 0:
+        out = out + noise_std * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------- information
@@ -218,6 +244,24 @@ def ema_decay(step: int, alpha: float, *, warmup: bool = True) -> float:
     return min(1.0 - 1.0 / (step + 1), alpha) if warmup else alpha
 
 
+def ema_decay_for_run(step: int, progress: float, alpha: float, *, warmup: bool = True,
+                      horizon: float = 0.0) -> float:
+    """Teacher decay after ``step`` updates when the share ``progress`` of the run is over.
+
+    :func:`ema_decay`, and with ``horizon > 0`` at most ``1 - 1 / (horizon * N)``, where
+    ``N = step / progress`` is the run's expected length in steps: the teacher then averages
+    over about the last ``horizon`` of the run, whatever its budget. A fixed ``alpha`` averages
+    over ``1 / (1 - alpha)`` steps (100 for 0.99), more than a short run's whole second half,
+    so its teacher lags the student it is meant to lead; under a long budget the cap is above
+    ``alpha`` and changes nothing.
+    """
+    decay = ema_decay(step, alpha, warmup=warmup)
+    if horizon > 0 and progress > 0 and step > 0:
+        window = max(1.0, horizon * step / progress)
+        decay = min(decay, 1.0 - 1.0 / window)
+    return decay
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """``teacher = decay * teacher + (1 - decay) * student`` for every parameter; buffers
@@ -246,6 +290,29 @@ def unsupervised_weight(step: int, warmup: int, rampup: int) -> float:
     if step < warmup:
         return 0.0
     return sigmoid_rampup(step - warmup, rampup)
+
+
+def progress_weight(progress: float, warmup: float, rampup: float) -> float:
+    """Schedule of an unsupervised loss weight over the run's progress (share done, in [0, 1]):
+    0 in the first ``warmup`` share (supervised only), then ``exp(-5 (1 - t)^2)`` over the next
+    ``rampup`` share (``t`` from 0 to 1, the ramp of [2]_), then 1.
+
+    Following the share of the run rather than the step count, the schedule is the same under a
+    step budget and a time budget (:attr:`semiseg.methods.base.Method.progress`).
+    """
+    if progress < warmup:
+        return 0.0
+    if rampup <= 0:
+        return 1.0
+    t = min(max((progress - warmup) / rampup, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def check_shares(**shares: float) -> None:
+    """Raise ``ValueError`` unless every named schedule share lies in [0, 1]."""
+    bad = [k for k, v in shares.items() if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must lie in [0, 1] (a share of the run)")
 
 
 def unlabelled_count(batch_size: int, ratio: float) -> int:

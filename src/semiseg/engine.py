@@ -37,6 +37,7 @@ __all__ = [
     "run",
     "seed_everything",
     "train",
+    "warm_start",
 ]
 
 
@@ -186,7 +187,7 @@ def iter_train(
     labels,
     *,
     tags=None,
-    method: str = "supervised",
+    method: str | None = None,
     params: dict | None = None,
     config: TrainConfig | None = None,
     model: Model | None = None,
@@ -195,6 +196,7 @@ def iter_train(
     amp: bool = True,
     should_stop: Callable[[], bool] | None = None,
     planes=None,
+    init_from: Model | None = None,
 ) -> Generator[Progress, None, Model]:
     """Train a model, yielding :class:`Progress`; the generator returns the :class:`Model`.
 
@@ -206,13 +208,19 @@ def iter_train(
         0 = background/unannotated, 1..K classes. Never modified.
     tags : (n_slices,) array of {-1, 0, 1}, optional
         Weak tags along the slicing axis: unknown / healthy / diseased.
-    method : str
-        Registered method name (ignored when ``model`` is given).
+    method : str, optional
+        Registered method name (default ``supervised``; with ``model``, the model's method:
+        naming another one is refused, as training on would silently train the model's).
     params : dict, optional
         Method hyperparameters.
     config : TrainConfig, optional
     model : Model, optional
-        Continue training this model (its normalisation is kept).
+        Continue training this model (its method, normalisation and optimiser states are kept).
+    init_from : Model, optional
+        Start a new ``method`` model from this model's segmentation network (a warm start,
+        e.g. a semi-supervised method refining a ``supervised`` model): the new model takes
+        its normaliser, axis, slice context, classes and network settings (``features``,
+        ``norm``), and a fresh optimiser. See :func:`warm_start`.
     device : str
         ``auto``, ``cpu``, ``cuda``, ``mps``.
     preview_index : callable, optional
@@ -232,16 +240,21 @@ def iter_train(
     Raises
     ------
     InputError
-        For unusable inputs, before any training.
+        For unusable inputs, before any training; for ``model`` with another ``method``, or
+        an ``init_from`` model whose segmentation network does not fit ``method``.
     TrainingError
         When a step produces a non-finite loss or runs out of memory; the model then holds the
         weights from before that step.
     """
     config = config or TrainConfig()
+    method = _check_method_choice(method, model, init_from)
     image, labels, pools = _prepare_inputs(image, labels, tags, config.axis, planes=planes)
     dev = resolve_device(device)
     seed_everything(config.seed)
-    continued = model
+    # Whose crop a run without one keeps: the continued model's, or the one it starts from.
+    continued = model if model is not None else init_from
+    if init_from is not None:
+        model = warm_start(init_from, image, pools, config, method=method, params=params, device=dev, amp=amp)
     model = _start_model(image, pools, config, model=model, method=method, params=params, device=dev, amp=amp)
     method_obj = model.method
     if config.crop is None:  # the model's own crop when training on, else one for this volume
@@ -319,6 +332,89 @@ def iter_train(
     return model
 
 
+def _check_method_choice(method: str | None, model: Model | None, init_from: Model | None) -> str:
+    """The method a run trains: ``method``, else the continued model's, else ``supervised``.
+
+    Raises
+    ------
+    InputError
+        For both ``model`` and ``init_from``, or a continued ``model`` of another method.
+    """
+    if model is not None and init_from is not None:
+        raise InputError("give either model (continue it) or init_from (start a new model from it), not both")
+    if model is None:
+        return method or "supervised"
+    if method is not None and method != model.method.name:
+        raise InputError(
+            f"the model was trained with {model.method.name!r}: continuing it with {method!r} would train "
+            f"{model.method.name!r}; start a {method!r} model from its weights with init_from (CLI --init-from)"
+        )
+    return model.method.name
+
+
+def warm_start(init_from: Model, image, pools, config: TrainConfig, *, method: str, params: dict | None,
+               device, amp: bool) -> Model:
+    """A new ``method`` model whose segmentation network starts from ``init_from``'s.
+
+    The new model takes ``init_from``'s normaliser, axis, slice context and classes, and its
+    network settings (``features``, ``norm``) unless ``params`` names them; its other
+    networks (a mean teacher's teacher is a copy of the student) and its optimiser start
+    anew (:meth:`~semiseg.methods.base.Method.start_from`). Its history keeps
+    ``init_from``'s runs, so the model says what it was refined from.
+
+    Raises
+    ------
+    InputError
+        When ``init_from`` does not fit the image, labels, axis or context, when ``params``
+        asks for other network settings, or when the two segmentation networks differ.
+    """
+    source = init_from.method
+    _check_fits(init_from, image, pools, config, what="the init_from model")
+    method_cls = get_method(method)
+    if "seg" not in source.nets:
+        raise InputError(f"a {source.name!r} model has no segmentation network to start {method!r} from")
+    params = dict(params or {})
+    for key in ("features", "norm"):
+        mine = getattr(source.params, key, None)
+        if mine is None:
+            continue
+        if key in params:
+            theirs = method_cls.parse_params({key: params[key]}).__dict__[key]
+            if theirs != mine:
+                raise InputError(f"init_from model has {key} {mine}, not {theirs}: leave {key} out to keep the model's")
+        params[key] = mine
+    if getattr(method_cls, "spatial_dims", 2) != getattr(source, "spatial_dims", 2):
+        raise InputError(f"cannot start {method!r} from a {source.name!r} model: one is 2D, the other 3D")
+    try:
+        net = method_cls(source.in_channels, source.num_classes, params=params, device=device, amp=amp)
+    except ValueError as exc:
+        raise InputError(first_line(exc)) from None
+    try:
+        net.start_from(source.nets["seg"].state_dict())
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise InputError(
+            f"cannot start {method!r} from a {source.name!r} model: their segmentation networks differ "
+            f"({first_line(exc)[:160]})"
+        ) from None
+    model = Model(net, init_from.normaliser, init_from.axis, context=init_from.context)
+    model.history = [dict(h) for h in init_from.history]
+    return model
+
+
+def _check_fits(model: Model, image, pools, config: TrainConfig, *, what: str = "model") -> None:
+    """Raise InputError unless ``model`` fits the image's channels, the labels' classes and
+    the run's axis and slice context."""
+    context = check_context(config.context, image.shape[config.axis + 1])
+    if model.in_channels != image.shape[0]:
+        raise InputError(f"{what} expects {model.in_channels} channel(s), the image has {image.shape[0]}")
+    if pools.num_classes > model.num_classes:
+        raise InputError(f"labels hold {pools.num_classes - 1} classes, {what} has {model.num_classes - 1}")
+    if model.axis != config.axis:
+        raise InputError(f"{what} was trained along axis {model.axis}, not {config.axis}")
+    if model.context != context:
+        raise InputError(f"{what} was trained with context {model.context}, not {context}")
+
+
 def _start_model(image, pools, config: TrainConfig, *, model, method, params, device, amp) -> Model:
     """A new model fitted to ``image`` (its normaliser, a fresh ``method``), or ``model``
     checked against the inputs when training continues.
@@ -331,18 +427,7 @@ def _start_model(image, pools, config: TrainConfig, *, model, method, params, de
     """
     context = check_context(config.context, image.shape[config.axis + 1])
     if model is not None:
-        if model.in_channels != image.shape[0]:
-            raise InputError(
-                f"model expects {model.in_channels} channel(s), the image has {image.shape[0]}"
-            )
-        if pools.num_classes > model.num_classes:
-            raise InputError(
-                f"labels hold {pools.num_classes - 1} classes, the model has {model.num_classes - 1}"
-            )
-        if model.axis != config.axis:
-            raise InputError(f"model was trained along axis {model.axis}, not {config.axis}")
-        if model.context != context:
-            raise InputError(f"model was trained with context {model.context}, not {context}")
+        _check_fits(model, image, pools, config, what="the model")
         return model
     try:
         normaliser = Normaliser.fit(image)

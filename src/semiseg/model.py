@@ -155,9 +155,9 @@ class Model:
             method_cls = get_method(cfg["method"])
         except (KeyError, json.JSONDecodeError) as exc:
             raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
-        method = method_cls(
-            cfg["in_channels"], cfg["num_classes"], params=cfg["params"], device=device, amp=amp
-        )
+        # Files of older versions may store hyperparameters since replaced: dropped here.
+        params = {k: v for k, v in cfg["params"].items() if k not in method_cls.retired_params}
+        method = method_cls(cfg["in_channels"], cfg["num_classes"], params=params, device=device, amp=amp)
         try:
             method.load_state_dict(payload["state"])
         except (RuntimeError, ValueError, KeyError) as exc:

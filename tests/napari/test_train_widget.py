@@ -382,3 +382,47 @@ def test_context_control_trains_a_context_model(qtbot, make_train_widget, run_an
     w.continue_check.setChecked(False)
     run_and_wait(qtbot, w)
     assert w.model.context == 0
+
+
+def test_another_method_never_continues_the_model_and_semi_supervised_ones_offer_to_refine(
+        qtbot, make_train_widget, run_and_wait, sample_viewer):
+    """Issue 20 item 1 and issue 18: the current model is named beside Continue; a model is only
+    continued by its own method; a semi-supervised method offers, explicitly, to refine it."""
+    w = make_train_widget(sample_viewer, steps=3)
+    assert w.model_label.text().startswith("no model yet")
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model_label.text() == "current model: supervised · 3 steps"
+    assert w.continue_check.isEnabled() and w.continue_check.isChecked() and w.refine_check.isHidden()
+    first = w.model
+
+    w.method_combo.setCurrentText("translation")  # not semi-supervised: no refine offer
+    assert not w.continue_check.isEnabled() and not w.continue_check.isChecked()
+    assert w.refine_check.isHidden()
+
+    w.method_combo.setCurrentText("mean-teacher")
+    assert not w.continue_check.isEnabled() and not w.continue_check.isChecked()
+    assert not w.refine_check.isHidden() and not w.refine_check.isChecked()
+    assert w.refine_check.text() == "Refine the current model with mean-teacher"
+    w.refine_check.setChecked(True)
+    w.steps_spin.setValue(2)
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert w.model is not first and w.model.method.name == "mean-teacher"
+    assert [h["method"] for h in w.model.history] == ["supervised", "mean-teacher"]
+    assert first.method.step == 3  # the supervised model itself was not trained on
+    assert w.model_label.text() == "current model: mean-teacher · 2 steps · refined from supervised"
+    assert w.continue_check.isEnabled() and w.continue_check.isChecked() and w.refine_check.isHidden()
+
+    # Back to supervised without taking any offer: a new model from scratch, never the
+    # mean-teacher model trained on as something else.
+    w.method_combo.setCurrentText("supervised")
+    w.params.set_value("features", (8, 16))
+    assert not w.continue_check.isChecked() and w.refine_check.isHidden()  # supervised refines nothing
+    run_and_wait(qtbot, w)
+    assert w.last_error is None, w.last_error
+    assert [h["method"] for h in w.model.history] == ["supervised"]
+    # and choosing the model's own method again re-ticks Continue
+    w.method_combo.setCurrentText("mean-teacher")
+    w.method_combo.setCurrentText("supervised")
+    assert w.continue_check.isEnabled() and w.continue_check.isChecked()

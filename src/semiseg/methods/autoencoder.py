@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..consistency import unlabelled_count
+from ..consistency import check_shares, unlabelled_count
 from ..nets.unet import ConvBlock, UNet
 from .base import register_method
 from .supervised import Supervised, SupervisedParams
@@ -63,11 +63,16 @@ class AutoencoderParams(SupervisedParams):
         Weight of the L1 reconstruction loss (lambda_rec = lambda_seg = 1 in Vorontsov et al.).
     reconstruct_labelled : bool
         Also reconstruct the annotated crops (the paper reconstructs every slice).
+    warmup : float
+        Share of the run (:attr:`~semiseg.methods.base.Method.progress`) trained on the
+        segmentation loss alone (no reconstruction, no unannotated crops) first (0 in the
+        paper).
     unlabelled_ratio : float
         Unannotated crops per step as a fraction of the batch size.
     """
 
     rec_weight: float = 1.0
+    warmup: float = 0.0
     reconstruct_labelled: bool = True
     unlabelled_ratio: float = 0.5
 
@@ -91,11 +96,13 @@ class Autoencoder(Supervised):
     reference = "Vorontsov et al., IEEE TMI 2022 (AE baseline)"
     Params = AutoencoderParams
     outputs = {"reconstruction": "image"}
+    semi_supervised = True
 
     def build(self) -> None:
         p = self.params
         if p.rec_weight < 0:
             raise ValueError("rec_weight must be >= 0")
+        check_shares(warmup=p.warmup)
         unlabelled_count(1, p.unlabelled_ratio)
         self.nets["seg"] = UNet(self.in_channels, self.num_classes, features=p.features, norm=p.norm)
         self.nets["rec"] = ReconstructionDecoder(self.in_channels, features=p.features, norm=p.norm)
@@ -110,6 +117,12 @@ class Autoencoder(Supervised):
     def training_step(self, batch):
         p = self.params
         self.train_mode()
+        if self.warming_up(p.warmup):  # segmentation alone; the decoder waits
+            with self.autocast():
+                logits = self.nets["seg"](batch["labelled"])
+            terms = self.supervised_loss(logits, batch["mask"])
+            self.optimise(p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"], self.opts["main"])
+            return {k: v.item() for k, v in terms.items()}
         x_l, x_u = batch["labelled"], batch["unlabelled"]
         n_l = len(x_l)
         x = torch.cat([x_l, x_u])

@@ -28,6 +28,7 @@ __all__ = [
 #: Built-in method modules, in the order the CLI and the widget list them.
 BUILTIN_MODULES = (
     "supervised",
+    "self_training",
     "autoencoder",
     "mean_teacher",
     "entropy_min",
@@ -140,6 +141,13 @@ class Method(abc.ABC):
     #: 2: networks see single slices ``(B, C, H, W)``; 3: they see ``(B, C, D, H, W)`` patches
     #: (the engine then samples 3D patches and prediction slides 3D windows).
     spatial_dims: ClassVar[int] = 2
+    #: Whether the method learns from unannotated slices on top of a supervised loss on its
+    #: ``seg`` U-Net (so it can refine a model of another method: ``iter_train(init_from=)``).
+    semi_supervised: ClassVar[bool] = False
+    #: Hyperparameters older versions had and this one dropped, each with what replaced it:
+    #: model files that still store them load (:meth:`semiseg.model.Model.load` drops them);
+    #: given anew they are refused with that hint.
+    retired_params: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -191,6 +199,9 @@ class Method(abc.ABC):
         if isinstance(params, MethodParams):
             params = dataclasses.asdict(params)
         names = {f.name for f in dataclasses.fields(cls.Params)}
+        retired = [k for k in params if k in cls.retired_params]
+        if retired:
+            raise ValueError("; ".join(f"{k} is gone: {cls.retired_params[k]}" for k in retired))
         unknown = set(params) - names
         if unknown:
             raise ValueError(
@@ -367,6 +378,18 @@ class Method(abc.ABC):
                 opt.load_state_dict(state["opts"][k])
         self.step = int(state.get("step", 0))
         self.load_extra_state(state.get("extra", {}))
+
+    def start_from(self, seg_state: dict[str, Any]) -> None:
+        """Load another model's segmentation U-Net weights into ``nets["seg"]`` (a warm start,
+        :func:`semiseg.engine.warm_start`); methods with networks derived from it (a mean
+        teacher's teacher) copy them there too.
+
+        Raises
+        ------
+        KeyError, RuntimeError
+            When the method has no ``seg`` network or the weights do not fit it.
+        """
+        self.nets["seg"].load_state_dict(seg_state)
 
     def extra_state(self) -> dict[str, Any]:
         """Method-specific state to save beside the networks (plain types and tensors)."""

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..consistency import pixel_entropy, unlabelled_count, unsupervised_weight
+from ..consistency import check_shares, pixel_entropy, progress_weight, unlabelled_count
 from .base import register_method
 from .supervised import Supervised, SupervisedParams
 
@@ -19,18 +19,25 @@ class EntropyMinParams(SupervisedParams):
     ----------
     entropy_weight : float
         Weight of the mean pixel-wise entropy (normalised by ``log K``) on unannotated crops.
-    warmup_steps : int
-        Supervised-only steps before the entropy term starts, so the network first learns from
-        the annotations before it is pushed to be confident elsewhere.
-    rampup_steps : int
-        Sigmoid ramp-up of the entropy weight after the warm-up (0: constant).
+    prior_weight : float
+        Weight of the class-prior bound: the share of unannotated pixels predicted as each
+        foreground class may not exceed that class's share in the annotated crops; the
+        excess is penalised (0: off). Entropy alone rewards any confident answer, and growing
+        the foreground into confident false positives is one (the collapse measured in #18).
+    warmup : float
+        Share of the run (:attr:`~semiseg.methods.base.Method.progress`) trained on the
+        supervised loss alone before the entropy term starts, so the network first learns
+        from the annotations before it is pushed to be confident elsewhere.
+    rampup : float
+        Share of the run over which the entropy weight ramps up (sigmoid) after the warm-up.
     unlabelled_ratio : float
         Unannotated crops per step as a fraction of the batch size.
     """
 
     entropy_weight: float = 0.1
-    warmup_steps: int = 150
-    rampup_steps: int = 100
+    prior_weight: float = 1.0
+    warmup: float = 0.5
+    rampup: float = 0.2
     unlabelled_ratio: float = 0.5
 
 
@@ -51,13 +58,28 @@ class EntropyMin(Supervised):
     summary = "U-Net made confident on unannotated slices (entropy minimisation)"
     reference = "Vu et al., CVPR 2019 (baseline in Peng et al., MIDL 2020)"
     Params = EntropyMinParams
+    semi_supervised = True
+    retired_params = {
+        "warmup_steps": "use warmup, a share of the run (0.3: the first 30 %)",
+        "rampup_steps": "use rampup, a share of the run",
+    }
 
     def build(self) -> None:
         p = self.params
-        if min(p.entropy_weight, p.warmup_steps, p.rampup_steps) < 0:
-            raise ValueError("entropy_weight, warmup_steps and rampup_steps must be >= 0")
+        if min(p.entropy_weight, p.prior_weight) < 0:
+            raise ValueError("entropy_weight and prior_weight must be >= 0")
+        check_shares(warmup=p.warmup, rampup=p.rampup)
         unlabelled_count(1, p.unlabelled_ratio)
         super().build()
+        # Pixels per class in the annotated crops seen so far (the prior of the bound).
+        self._class_counts = torch.zeros(self.num_classes, dtype=torch.float64)
+
+    def class_prior(self, mask: torch.Tensor) -> torch.Tensor:
+        """Share of each class among the annotated pixels seen so far, ``mask`` included
+        (``(K,)``, float32 on the method's device)."""
+        counts = torch.bincount(mask.reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
+        self._class_counts += counts.double()
+        return (self._class_counts / self._class_counts.sum().clamp_min(1)).float().to(self.device)
 
     def batch_needs(self, batch_size: int) -> dict[str, int]:
         return {"labelled": batch_size, "unlabelled": unlabelled_count(batch_size, self.params.unlabelled_ratio)}
@@ -65,15 +87,22 @@ class EntropyMin(Supervised):
     def training_step(self, batch):
         p = self.params
         self.train_mode()
-        w = p.entropy_weight * unsupervised_weight(self.step, p.warmup_steps, p.rampup_steps)
-        if w <= 0:  # warm-up: supervised only
+        ramp = progress_weight(self.progress, p.warmup, p.rampup)
+        if ramp <= 0:  # warm-up: supervised only
+            self.class_prior(batch["mask"])
             return super().training_step(batch)
+        w = p.entropy_weight * ramp
         x_l, x_u = batch["labelled"], batch["unlabelled"]
         with self.autocast():
             logits = self.nets["seg"](torch.cat([x_l, x_u]))
         logits_l, logits_u = logits[: len(x_l)], logits[len(x_l) :]
         terms = self.supervised_loss(logits_l, batch["mask"])
-        terms["entropy"] = pixel_entropy(torch.softmax(logits_u.float(), 1), normalise=True)
+        probs_u = torch.softmax(logits_u.float(), 1)
+        terms["entropy"] = pixel_entropy(probs_u, normalise=True)
         loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + w * terms["entropy"]
+        if p.prior_weight > 0:
+            share = probs_u.mean((0, 2, 3))  # predicted share of each class
+            terms["prior"] = (share - self.class_prior(batch["mask"]))[1:].clamp_min(0).sum()
+            loss = loss + ramp * p.prior_weight * terms["prior"]
         self.optimise(loss, self.opts["seg"])
         return {k: v.item() for k, v in terms.items()}

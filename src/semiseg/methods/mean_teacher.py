@@ -9,12 +9,13 @@ import torch
 from torch.nn import functional as F
 
 from ..consistency import (
+    check_shares,
     clamped_noise,
-    ema_decay,
+    ema_decay_for_run,
     ema_update,
+    progress_weight,
     random_dihedral,
     unlabelled_count,
-    unsupervised_weight,
 )
 from ..nets.unet import UNet
 from .base import register_method, set_requires_grad
@@ -32,13 +33,19 @@ class MeanTeacherParams(SupervisedParams):
         which suits long trainings: the teacher averages over about ``1 / (1 - alpha)`` steps).
     ema_warmup : bool
         Use ``min(1 - 1/(t + 1), alpha)`` (Tarvainen & Valpola) instead of the constant alpha.
+    ema_horizon : float
+        The teacher averages over at most about this share of the run (its decay is capped at
+        ``1 - 1 / (ema_horizon * N)`` for a run of ``N`` steps, :func:`ema_decay_for_run`), so
+        under a short budget it does not lag the student; 0 keeps the fixed ``ema_decay``.
     consistency_weight : float
         Final weight of the MSE between student and teacher probabilities.
-    warmup_steps : int
-        Supervised-only steps before the consistency term starts (the teacher is still
-        averaged during them).
-    rampup_steps : int
-        Length of the sigmoid ramp-up of the consistency weight after the warm-up (0: constant).
+    warmup : float
+        Share of the run (:attr:`~semiseg.methods.base.Method.progress`) trained on the
+        supervised loss alone before the consistency term starts (the teacher is still
+        averaged during it).
+    rampup : float
+        Share of the run over which the consistency weight ramps up (sigmoid) after the
+        warm-up (0: constant).
     unlabelled_ratio : float
         Unannotated crops per step as a fraction of the batch size.
     noise_std, noise_clamp : float
@@ -50,15 +57,16 @@ class MeanTeacherParams(SupervisedParams):
     dropout : float
         Dropout in the decoder blocks of student and teacher.
 
-    Vorontsov et al.'s variant: ``ema_decay=0.99 ema_warmup=false consistency_weight=0.01
-    warmup_steps=0 rampup_steps=0``; Peng et al.'s: ``ema_decay=0.999``.
+    Vorontsov et al.'s variant: ``ema_decay=0.99 ema_warmup=false ema_horizon=0
+    consistency_weight=0.01 warmup=0 rampup=0``; Peng et al.'s: ``ema_decay=0.999``.
     """
 
     ema_decay: float = 0.99
     ema_warmup: bool = True
+    ema_horizon: float = 0.1
     consistency_weight: float = 1.0
-    warmup_steps: int = 150
-    rampup_steps: int = 200
+    warmup: float = 0.5
+    rampup: float = 0.2
     unlabelled_ratio: float = 0.5
     noise_std: float = 0.1
     noise_clamp: float = 0.2
@@ -86,13 +94,19 @@ class MeanTeacher(Supervised):
     summary = "student + weight-averaged teacher, consistent on unannotated slices (MSE)"
     reference = "Tarvainen & Valpola 2017; Perone & Cohen-Adad 2018 (baseline in Vorontsov et al.; Peng et al.)"
     Params = MeanTeacherParams
+    semi_supervised = True
+    retired_params = {
+        "warmup_steps": "use warmup, a share of the run (0.3: the first 30 %)",
+        "rampup_steps": "use rampup, a share of the run",
+    }
 
     def build(self) -> None:
         p = self.params
         if not 0 <= p.ema_decay <= 1:
             raise ValueError("ema_decay must be in [0, 1]")
-        if min(p.consistency_weight, p.warmup_steps, p.rampup_steps, p.noise_std) < 0:
-            raise ValueError("consistency_weight, warmup_steps, rampup_steps and noise_std must be >= 0")
+        if min(p.consistency_weight, p.noise_std) < 0:
+            raise ValueError("consistency_weight and noise_std must be >= 0")
+        check_shares(warmup=p.warmup, rampup=p.rampup, ema_horizon=p.ema_horizon)
         unlabelled_count(1, p.unlabelled_ratio)
         student = self._unet(p)
         self.nets["seg"] = student
@@ -107,9 +121,15 @@ class MeanTeacher(Supervised):
         return {"labelled": batch_size, "unlabelled": unlabelled_count(batch_size, self.params.unlabelled_ratio)}
 
     def consistency_weight(self) -> float:
-        """Ramped consistency weight at the current step."""
+        """Ramped consistency weight at the run's current :attr:`progress`."""
         p = self.params
-        return p.consistency_weight * unsupervised_weight(self.step, p.warmup_steps, p.rampup_steps)
+        return p.consistency_weight * progress_weight(self.progress, p.warmup, p.rampup)
+
+    def teacher_decay(self) -> float:
+        """EMA decay of the teacher update after this step (:func:`ema_decay_for_run`)."""
+        p = self.params
+        return ema_decay_for_run(self.step + 1, self.progress, p.ema_decay, warmup=p.ema_warmup,
+                                 horizon=p.ema_horizon)
 
     def training_step(self, batch):
         p = self.params
@@ -125,8 +145,7 @@ class MeanTeacher(Supervised):
             terms = self.supervised_loss(logits, batch["mask"])
             loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"]
         self.optimise(loss, self.opts["seg"])
-        decay = ema_decay(self.step + 1, p.ema_decay, warmup=p.ema_warmup)
-        ema_update(self.nets["teacher"], self.nets["seg"], decay)
+        ema_update(self.nets["teacher"], self.nets["seg"], self.teacher_decay())
         return {k: v.item() for k, v in terms.items()}
 
     def _consistency_step(self, x_l, mask, x_u):
@@ -143,7 +162,7 @@ class MeanTeacher(Supervised):
                 logits_l, logits_s = logits[:n_l], logits[n_l:]
             else:
                 logits_l, logits_s = self.nets["seg"](x_l), self.nets["seg"](x_s)
-            with torch.no_grad():
+            with torch.no_grad():  # the target: no graph is kept for it
                 logits_t = self.nets["teacher"](clamped_noise(x_u, p.noise_std, p.noise_clamp))
         terms = self.supervised_loss(logits_l, mask)
         p_s = torch.softmax(logits_s.float(), 1)
@@ -152,6 +171,11 @@ class MeanTeacher(Supervised):
         p_t = torch.softmax(logits_t.float(), 1)
         terms["consistency"] = F.mse_loss(p_s, p_t)
         return terms
+
+    def start_from(self, seg_state):
+        """Student and teacher both start from the given segmentation weights."""
+        super().start_from(seg_state)
+        self.nets["teacher"].load_state_dict(seg_state)
 
     def predict(self, x):
         with self.eval_mode(), self.autocast():

@@ -8,11 +8,12 @@ import torch
 from torch.nn import functional as F
 
 from ..consistency import (
+    check_shares,
     mutual_information,
     pixel_kl,
+    progress_weight,
     random_dihedral,
     unlabelled_count,
-    unsupervised_weight,
 )
 from .base import register_method
 from .supervised import Supervised, SupervisedParams
@@ -33,10 +34,12 @@ class MutualInfoParams(SupervisedParams):
         Neighbourhood half size of the MI term: 1 gives the paper's 3x3 displacements.
     consistency : str
         ``kl`` (Eq. (8)) or ``mse`` (the paper's MSE variant).
-    warmup_steps : int
-        Supervised-only steps before the unsupervised terms start (0 in the paper).
-    rampup_steps : int
-        Sigmoid ramp-up of lambda after the warm-up (0: the paper's constant weight).
+    warmup : float
+        Share of the run (:attr:`~semiseg.methods.base.Method.progress`) trained on the
+        supervised loss alone before the unsupervised terms start (0 in the paper).
+    rampup : float
+        Share of the run over which lambda ramps up (sigmoid) after the warm-up (0: the
+        paper's constant weight).
     unlabelled_ratio : float
         Unannotated crops per step as a fraction of the batch size.
     """
@@ -46,8 +49,8 @@ class MutualInfoParams(SupervisedParams):
     reg_weight: float = 1.0
     radius: int = 1
     consistency: str = "kl"
-    warmup_steps: int = 150
-    rampup_steps: int = 0
+    warmup: float = 0.5
+    rampup: float = 0.0
     unlabelled_ratio: float = 0.5
 
 
@@ -68,13 +71,19 @@ class MutualInfo(Supervised):
     summary = "neighbourhood mutual information + transform consistency on unannotated slices"
     reference = "Peng et al., MIDL 2020"
     Params = MutualInfoParams
+    semi_supervised = True
+    retired_params = {
+        "warmup_steps": "use warmup, a share of the run (0.3: the first 30 %)",
+        "rampup_steps": "use rampup, a share of the run",
+    }
 
     def build(self) -> None:
         p = self.params
         if p.consistency not in ("kl", "mse"):
             raise ValueError(f"consistency must be 'kl' or 'mse', got {p.consistency!r}")
-        if min(p.radius, p.weight, p.warmup_steps, p.rampup_steps) < 0:
-            raise ValueError("radius, weight, warmup_steps and rampup_steps must be >= 0")
+        if min(p.radius, p.weight) < 0:
+            raise ValueError("radius and weight must be >= 0")
+        check_shares(warmup=p.warmup, rampup=p.rampup)
         unlabelled_count(1, p.unlabelled_ratio)
         super().build()
 
@@ -92,7 +101,7 @@ class MutualInfo(Supervised):
 
     def training_step(self, batch):
         p = self.params
-        lam = p.weight * unsupervised_weight(self.step, p.warmup_steps, p.rampup_steps)
+        lam = p.weight * progress_weight(self.progress, p.warmup, p.rampup)
         if lam <= 0:  # warm-up: supervised only
             return super().training_step(batch)
         self.train_mode()

@@ -103,6 +103,9 @@ class TrainJob:
     runs_dir : str or None
         Keep the trained model as a new run in this run store (:func:`semiseg.runs.save_run`),
         written by the worker so the viewer does not wait for the file.
+    init_from : bool
+        The model handed with the job is a warm start: train a new ``method`` model from its
+        segmentation weights (``iter_train(init_from=...)``) instead of continuing it.
     """
 
     image: Any
@@ -119,6 +122,7 @@ class TrainJob:
     uncertainty: bool = False
     tta: bool = False
     runs_dir: str | None = None
+    init_from: bool = False
 
 
 @dataclasses.dataclass
@@ -320,7 +324,8 @@ def _train(job: TrainJob, control: JobControl, model: Model | None, config: Trai
         method=job.method,
         params=job.params or None,
         config=config,
-        model=model,
+        model=None if job.init_from else model,
+        init_from=model if job.init_from else None,
         device=job.device,
         preview_index=control.preview_index,
         should_stop=lambda: control.stop_training.is_set() or control.cancel.is_set(),

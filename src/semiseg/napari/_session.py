@@ -297,12 +297,18 @@ class Session:
 
     # ------------------------------------------------------------------ starting jobs
     def train(self, job: _jobs.TrainJob, image_name: str | None = None, *, continue_model: bool = True,
-              lazy_bytes: int = LAZY_BYTES, preview_index: Callable | None = None) -> Running | None:
-        """Train on ``job`` (continuing the current model when ``continue_model``), then predict.
+              refine: bool = False, lazy_bytes: int = LAZY_BYTES,
+              preview_index: Callable | None = None) -> Running | None:
+        """Train on ``job`` (continuing the current model when ``continue_model``; with
+        ``refine``, a new ``job.method`` model starting from the current model's segmentation
+        weights), then predict.
 
         The session fills in the job's output folder and run store. Returns the running job,
         or None when one is already running.
         """
+        if refine and self.model is not None:
+            job = dataclasses.replace(job, init_from=True)
+            continue_model = False
         return self._start_train_job(job, image_name, train=True, continue_model=continue_model,
                                      lazy_bytes=lazy_bytes, preview_index=preview_index)
 
@@ -332,7 +338,8 @@ class Session:
             out_dir=out_dir,
             phase="train" if train else "predict",
         )
-        return self._start(running, self.model if continued else None, load_outputs=not lazy)
+        handed = self.model if continued or (train and job.init_from) else None
+        return self._start(running, handed, load_outputs=not lazy)
 
     def sample(self, index: int, n: int) -> Running | None:
         """Draw ``n`` tumour samples on slice ``index`` of the model's input.

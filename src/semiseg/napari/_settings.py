@@ -16,17 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import InputError, Model, TrainConfig
+from .. import InputError, Model, TrainConfig, get_method
 from . import _jobs
 from ._layers import is_overlay
 from ._session import Running, error_title
 
 __all__ = [
+    "ContinueOffer",
     "LayerChoices",
     "TrainSettings",
     "button_states",
     "check_job",
     "checked_images",
+    "continue_offer",
     "error_text",
     "export_format",
     "export_name",
@@ -34,9 +36,11 @@ __all__ = [
     "layer_choices",
     "make_job",
     "method_summary",
+    "model_text",
     "run_label",
     "slice_count",
     "slice_span",
+    "start_mode",
     "start_text",
     "suggestion_feed",
 ]
@@ -63,7 +67,11 @@ class TrainSettings:
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
     continue_model : bool
-        Train on from the current model (False: from scratch).
+        Train on from the current model (False: from scratch); only a model of ``method`` is
+        ever continued (:func:`start_mode`).
+    refine : bool
+        Start a new ``method`` model from the current model's segmentation weights (the
+        explicit "Refine the current model with <method>" offer, :func:`continue_offer`).
     tta : bool
         Test-time augmentation for the suggestion list's uncertainty pass.
     """
@@ -80,12 +88,13 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     continue_model: bool = True
+    refine: bool = False
     tta: bool = False
 
     def config(self, preview_every: float = 2.0, model: Model | None = None) -> TrainConfig:
-        """The training budget (a minutes value of 0 means no limit); continuing ``model``
-        (the current one, when :attr:`continue_model`), its slice context."""
-        continued = model is not None and self.continue_model
+        """The training budget (a minutes value of 0 means no limit); continuing or refining
+        ``model`` (the current one, :func:`start_mode`), its slice context."""
+        continued = start_mode(self, model) != "scratch"
         return TrainConfig(
             steps=self.steps,
             minutes=self.minutes or None,
@@ -95,6 +104,73 @@ class TrainSettings:
             seed=self.seed,
             preview_every=preview_every,
         )
+
+
+def model_text(model: Model | None) -> str:
+    """What the current model is, for the line beside the Continue checkbox:
+    ``"current model: supervised · 300 steps"`` (steps of its own method's runs; a refined
+    model names what it started from)."""
+    if model is None:
+        return "no model yet: training starts from scratch"
+    name = model.method.name
+    history = model.history or []
+    steps = sum(int(h.get("steps", 0)) for h in history if h.get("method") == name)
+    text = f"current model: {name} · {steps} steps"
+    before = [h.get("method") for h in history if h.get("method") != name]
+    return text + (f" · refined from {before[-1]}" if before else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinueOffer:
+    """What the form offers for training after a run.
+
+    Attributes
+    ----------
+    can_continue : bool
+        The chosen method is the current model's: "Continue" may train it on.
+    refine : str or None
+        The text of the explicit refine offer ("Refine the current model with <method>"),
+        or None when it is not offered.
+    model_text : str
+        :func:`model_text` of the current model.
+    """
+
+    can_continue: bool
+    refine: str | None
+    model_text: str
+
+
+def continue_offer(method: str, model: Model | None) -> ContinueOffer:
+    """Whether the chosen ``method`` can continue the current ``model``, and whether it is
+    offered to refine it.
+
+    A model is only ever continued by its own method (continuing a ``supervised`` model
+    "with" ``translation`` would train the supervised model on). A semi-supervised method
+    chosen after a run of another method whose model has a segmentation U-Net of the same
+    dimensionality is offered, explicitly, to start from that model's weights.
+    """
+    text = model_text(model)
+    if model is None or not method:
+        return ContinueOffer(False, None, text)
+    if method == model.method.name:
+        return ContinueOffer(True, None, text)
+    cls = get_method(method)
+    fits = ("seg" in model.method.nets
+            and getattr(cls, "spatial_dims", 2) == getattr(model.method, "spatial_dims", 2))
+    refine = f"Refine the current model with {method}" if cls.semi_supervised and fits else None
+    return ContinueOffer(False, refine, text)
+
+
+def start_mode(settings: TrainSettings, model: Model | None) -> str:
+    """How Train starts: ``"continue"`` (train the current model on: same method, Continue
+    ticked), ``"refine"`` (a new model from its weights: the refine offer taken) or
+    ``"scratch"``. Another method never continues a model."""
+    offer = continue_offer(settings.method, model)
+    if offer.can_continue and settings.continue_model:
+        return "continue"
+    if offer.refine is not None and settings.refine:
+        return "refine"
+    return "scratch"
 
 
 def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=None, train: bool,
@@ -199,13 +275,15 @@ def method_summary(cls) -> str:
     return cls.summary + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def button_states(*, busy: bool, model: Model | None, n_runs: int, interruptible: bool = False) -> dict[str, bool]:
+def button_states(*, busy: bool, model: Model | None, n_runs: int, interruptible: bool = False,
+                  method: str | None = None) -> dict[str, bool]:
     """Enabled state of each button (by widget attribute name), plus what is shown:
     ``"sample_row"`` (hidden once a model that cannot sample is current), ``"correct_box"``
     and ``"suggestions_box"`` (only once there is a model: nothing to accept or rank before).
 
     ``interruptible``: the running job only predicts (e.g. the volume after Stop); Train is
-    enabled then, and pressing it cancels that prediction and trains (issue 20 item 4)."""
+    enabled then, and pressing it cancels that prediction and trains (issue 20 item 4).
+    Continue is enabled only for the current model's own ``method`` (None: any)."""
     has_model = model is not None
     can_sample = has_model and bool(model.method.can_sample)
     return {
@@ -216,7 +294,7 @@ def button_states(*, busy: bool, model: Model | None, n_runs: int, interruptible
         "save_button": has_model,
         "load_button": not busy,
         "rollback_button": not busy and n_runs > 0,
-        "continue_check": has_model,
+        "continue_check": has_model and (method is None or method == model.method.name),
         "sample_row": not has_model or can_sample,
         "correct_box": has_model,
         "suggestions_box": has_model,

@@ -52,6 +52,7 @@ from ._settings import (
     EXPORT_FILTERS,
     button_states,
     check_job,
+    continue_offer,
     error_text,
     export_format,
     export_name,
@@ -62,6 +63,7 @@ from ._settings import (
     run_label,
     slice_count,
     slice_span,
+    start_mode,
     start_text,
     suggestion_feed,
 )
@@ -234,6 +236,7 @@ class TrainWidget(QWidget):
             cls = get_method(name)
             self.method_summary.setText(method_summary(cls))
             self.params.set_method(cls)
+            self._update_buttons()
 
     def _on_device(self, name: str) -> None:
         try:
@@ -242,8 +245,10 @@ class TrainWidget(QWidget):
             self.device_label.setText(f"unavailable ({exc})")
 
     def _update_buttons(self) -> None:
+        method = self.method_combo.currentText() or None
         self.form.set_buttons(button_states(busy=self.session.busy, model=self.model, n_runs=self.runs_combo.count(),
-                                            interruptible=self.session.interruptible))
+                                            interruptible=self.session.interruptible, method=method))
+        self.form.set_offer(continue_offer(method or "", self.model))
 
     # ================================================================== running
     def _input_image(self):
@@ -290,7 +295,9 @@ class TrainWidget(QWidget):
             return
         kw = {"lazy_bytes": LAZY_BYTES, "preview_index": lambda: self._slice}
         if train:
-            self.session.train(job, self.image_names()[0], continue_model=self.continue_check.isChecked(), **kw)
+            mode = start_mode(self.form.settings(), self.model)
+            self.session.train(job, self.image_names()[0], continue_model=mode == "continue",
+                               refine=mode == "refine", **kw)
         else:
             self.session.predict(job, self.image_names()[0], **kw)
 
@@ -352,6 +359,7 @@ class TrainWidget(QWidget):
             self._queue_display(lambda: self.export_combo.setCurrentText(f"{done.image_name} prediction"))
         self.status.setText(done.message)
         self.continue_check.setChecked(True)
+        self._update_buttons()  # the current model's line and offers
         if result.run is not None:
             self._queue_display(lambda: self._list_new_run(result.run))
         if self.labels_layer is not None:

@@ -41,7 +41,7 @@ __all__ = ["WIDGETS", "TrainForm"]
 WIDGETS = (
     "image_list", "labels_combo", "method_combo", "method_summary", "params",
     "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "context_spin", "seed_spin", "device_combo",
-    "device_label", "continue_check", "train_button", "predict_button", "stop_button",
+    "device_label", "continue_check", "model_label", "refine_check", "train_button", "predict_button", "stop_button",
     "progress", "status", "loss_plot", "accept_button", "undo_button", "range_from", "range_to",
     "accept_range_button", "overwrite_check", "samples_spin", "sample_button", "sample_row", "save_button",
     "load_button", "runs_combo", "rollback_button", "export_combo", "export_button", "suggestions",
@@ -172,9 +172,18 @@ class TrainForm:
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_label = QLabel()
         form.addRow("Device", _row(self.device_combo, self.device_label, stretch=(self.device_label,)))
-        self.continue_check = QCheckBox("Continue from current model (unchecked: from scratch)")
+        self.continue_check = QCheckBox("Continue from current model")
+        self.continue_check.setToolTip("Train the current model on (its own method only); unchecked: from scratch")
         self.continue_check.setChecked(True)
-        form.addRow(self.continue_check)
+        # What "current model" is, beside the checkbox (issue 20 item 1).
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        form.addRow(_row(self.continue_check, self.model_label, stretch=(self.model_label,)))
+        # Shown when a semi-supervised method is chosen after a run of another method.
+        self.refine_check = QCheckBox()
+        self.refine_check.setToolTip("Start the chosen method from the current model's segmentation weights")
+        self.refine_check.setVisible(False)
+        form.addRow(self.refine_check)
         lay.addWidget(box)
 
         self.train_button = _button("Train")
@@ -253,7 +262,8 @@ class TrainForm:
             context=self.context_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentText(),
-            continue_model=self.continue_check.isChecked(),
+            continue_model=self.continue_check.isChecked() and self.continue_check.isEnabled(),
+            refine=self.refine_check.isChecked() and not self.refine_check.isHidden(),
             tta=self.suggestions.tta_check.isChecked(),
         )
 
@@ -278,6 +288,23 @@ class TrainForm:
         """Range of the Accept range spins: the slices of the first input."""
         for spin in (self.range_from, self.range_to):
             spin.setRange(0, max(0, n_slices - 1))
+
+    def set_offer(self, offer) -> None:
+        """Apply :func:`~._settings.continue_offer`: the current model's line, Continue only
+        for its own method (unticked otherwise, re-ticked when it is chosen again), and the
+        explicit refine offer."""
+        self.model_label.setText(offer.model_text)
+        if not offer.can_continue and self.continue_check.isChecked():
+            self.continue_check.setChecked(False)
+            self._continue_was_on = True
+        elif offer.can_continue and getattr(self, "_continue_was_on", False):
+            self.continue_check.setChecked(True)
+            self._continue_was_on = False
+        if offer.refine is None:
+            self.refine_check.setChecked(False)
+        else:
+            self.refine_check.setText(offer.refine)
+        self.refine_check.setVisible(offer.refine is not None)
 
     def set_buttons(self, states: dict[str, bool]) -> None:
         """Apply :func:`~._settings.button_states`."""
