@@ -84,6 +84,25 @@ def error_anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def residual_contrast(residual: np.ndarray, truth: np.ndarray, ring: int = 6) -> dict:
+    """Mean |residual| inside the tumours and in the organ around them, on diseased slices.
+
+    The surrounding organ is a ring of ``ring`` pixels around each slice's tumours (2 pixels
+    away from them, so the blurred tumour border is not counted). Returns
+    ``residual_tumour``, ``residual_around`` and their ratio ``residual_ratio``.
+    """
+    from scipy import ndimage as ndi
+
+    t = truth.astype(bool)
+    near = np.zeros((3, 3, 3), bool)
+    near[1] = ndi.generate_binary_structure(2, 1)
+    around = ndi.binary_dilation(t, near, iterations=ring + 2) & ~ndi.binary_dilation(t, near, iterations=2)
+    a = np.abs(residual.reshape(truth.shape).astype(np.float64))
+    inside, outside = float(a[t].mean()) if t.any() else 0.0, float(a[around].mean()) if around.any() else 0.0
+    return {"residual_tumour": round(inside, 2), "residual_around": round(outside, 2),
+            "residual_ratio": round(inside / max(outside, 1e-8), 3)}
+
+
 def run_one(method, sample_kind, k, seed, args, params) -> dict:
     import torch
 
@@ -119,7 +138,11 @@ def run_one(method, sample_kind, k, seed, args, params) -> dict:
     model.tile_size = tile
     whole_dice = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     h = model.history[-1]
-    return {
+    residual = {}
+    if "residual" in model.method.outputs:  # issue 19: does the residual show the lesion?
+        out = semiseg.predict_volume(model, sample.image, outputs=("residual",), probabilities=False)
+        residual = residual_contrast(out["residual"], sample.truth)
+    return {**residual,
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
         "dice": round(hard, 4), "soft_dice": round(soft, 4), "dice_whole_slices": round(whole_dice, 4),
         "errors": error_anatomy(res["mask"][keep] == 1, sample.truth[keep] == 1),

@@ -33,7 +33,10 @@ def test_registered_with_outputs():
     cls = get_method("translation")
     assert cls.outputs == {"healthy": "image", "residual": "difference"}
     assert cls.can_sample and cls.uses_tags
-    assert cls.batch_needs(make_method(), 5) == {"diseased": 5, "healthy": 5}
+    # The batch's crops split between the domains (CPU default), N + N as the paper, and the
+    # annotated crops of the supervised objective.
+    assert cls.batch_needs(make_method(), 5) == {"labelled": 5, "diseased": 2, "healthy": 2}
+    assert cls.batch_needs(make_method(batch_split=False), 5) == {"labelled": 5, "diseased": 5, "healthy": 5}
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 24, 40), (3, 1, 32, 8)])
@@ -156,7 +159,7 @@ def test_hinge_losses_hand_computed():
 
 
 def test_one_training_step_updates_both_players():
-    m = make_method(lr=1e-3)
+    m = make_method(lr=1e-3, warmup=0.0)
     g = torch.Generator().manual_seed(0)
     batch = {
         "healthy": torch.randn(3, 1, 16, 16, generator=g),
