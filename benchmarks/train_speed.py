@@ -144,6 +144,15 @@ class NetTimers:
 
         method.optimise = optimise
         self._method = method
+        self.at: float | None = None
+        real_step = method.training_step
+
+        def training_step(batch):
+            if self.at is not None:  # time a phase: after any warm-up, at the finest pyramid level
+                method.progress = self.at
+            return real_step(batch)
+
+        method.training_step = training_step
 
     def _pre(self, key):
         def pre(mod, args):
@@ -165,10 +174,12 @@ class NetTimers:
         for h in self.handles:
             h.remove()
         del self._method.optimise
+        del self._method.training_step
 
 
 def profile_method(name, sample, args, params=None, preset="cpu"):
-    """One method's mean step time split per network (forward) and per loss (backward + step).
+    """One method's mean step time split per network (forward) and per loss (backward + step),
+    its progress held at ``args.at`` (0.9: past translation's warm-up, pyramid-gan's finest level).
 
     Returns a JSON-able dict: ``step_s``, ``forward`` {net: s}, ``optimise`` {optimiser: s},
     ``rest_s`` and the load average.
@@ -184,6 +195,7 @@ def profile_method(name, sample, args, params=None, preset="cpu"):
         device="cpu", params=params, preset=preset,
     )
     timers = NetTimers(model.method)
+    timers.at = args.at
     gen = semiseg.iter_train(
         sample.image, sample.labels, tags=sample.tags, config=config(args.steps), model=model, device="cpu"
     )
@@ -196,7 +208,7 @@ def profile_method(name, sample, args, params=None, preset="cpu"):
     opt = {k: round(v / args.steps, 4) for k, v in timers.optimise.items()}
     timers.remove()
     return {
-        "method": name, "preset": preset, "step_s": round(step, 4), "forward": fwd, "optimise": opt,
+        "method": name, "preset": preset, "at_progress": args.at, "step_s": round(step, 4), "forward": fwd, "optimise": opt,
         "rest_s": round(step - sum(fwd.values()) - sum(opt.values()), 4),
         "batch_size": args.batch_size, "crop": args.crop, "threads": args.threads,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -214,6 +226,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="split each step per network and per loss (process CPU time per step)")
     p.add_argument("--preset", default="cpu", help="with --profile: cpu, paper or auto")
+    p.add_argument("--at", type=float, default=0.9,
+                   help="with --profile: the run's progress held during the timed steps")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="with --profile: METHOD:KEY=VALUE, a method hyperparameter (repeatable)")
     args = p.parse_args(argv)

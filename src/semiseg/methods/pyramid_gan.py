@@ -46,9 +46,11 @@ class PyramidGANParams(MethodParams):
         Part of a scale's phase before synthetic pairs train its segmenter (the paper holds them
         back 100 of 300 epochs) and pseudo-labelled pairs become discriminator positives.
     gen_features, gen_blocks : int
-        Width and conv-BN-LeakyReLU blocks of each generator (SinGAN: 32 and 4).
+        Width and conv-BN-LeakyReLU blocks of each generator (SinGAN: 32 and 4, the ``paper``
+        preset; CPU default 16 and 3).
     disc_features, disc_layers, disc_views : int
-        Width, stride-2 layers and resolutions (1, 1/2, 1/4, ...) of each discriminator.
+        Width, stride-2 layers and resolutions (1, 1/2, 1/4, ...) of each discriminator
+        (``paper`` preset 32, 3, 3; CPU default 16, 3, 2).
     noise_std : float
         Standard deviation of the noise injected at finer scales (1 at the coarsest).
     rec_weight, feat_weight, perc_weight : float
@@ -84,11 +86,11 @@ class PyramidGANParams(MethodParams):
     phase_steps: int = 0
     phase_fractions: tuple[float, ...] = (0.25, 0.25, 0.5)
     synth_warmup: float = 1 / 3
-    gen_features: int = 32
-    gen_blocks: int = 4
-    disc_features: int = 32
+    gen_features: int = 16
+    gen_blocks: int = 3
+    disc_features: int = 16
     disc_layers: int = 3
-    disc_views: int = 3
+    disc_views: int = 2
     noise_std: float = 0.1
     rec_weight: float = 0.001
     feat_weight: float = 10.0
@@ -161,6 +163,12 @@ class PyramidGAN(Method):
     reference = "Li et al., Medical Image Analysis 2022"
     Params = PyramidGANParams
     can_sample = True
+    #: SinGAN's 32-channel, 4-block generators and 3-view discriminators; the CPU defaults
+    #: halve the widths, which cost most at the finest level (full-resolution convolutions).
+    presets = {
+        "cpu": {},
+        "paper": {"gen_features": 32, "gen_blocks": 4, "disc_features": 32, "disc_views": 3},
+    }
 
     # ------------------------------------------------------------------ construction
     def build(self) -> None:
@@ -187,7 +195,8 @@ class PyramidGAN(Method):
             )
         total = sum(p.phase_fractions)
         #: Share of the run (progress) at which each level's phase ends, coarsest first.
-        self.phase_shares = tuple(itertools.accumulate(f / total for f in p.phase_fractions))[:-1] + (1.0,)
+        ends = list(itertools.accumulate(f / total for f in p.phase_fractions))
+        self.phase_shares = (*ends[:-1], 1.0)
         #: Step at which each level's phase ends (a step schedule, ``phase_steps`` > 0), else None.
         self.phase_ends = None
         if p.phase_steps:

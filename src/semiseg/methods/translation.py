@@ -24,7 +24,7 @@ class TranslationParams(MethodParams):
     ----------
     lr : float
         Learning rate of both optimisers (AMSGrad), 1e-4 in the paper (the ``paper`` preset);
-        the CPU default 5e-4 for runs of minutes.
+        the CPU default 1e-3 (the supervised baseline's) for runs of minutes.
     beta1, beta2 : float
         AMSGrad betas, (0.5, 0.999).
     features : tuple of int
@@ -41,8 +41,9 @@ class TranslationParams(MethodParams):
     w_adv, w_rec, w_lat, w_cyc, w_seg : float
         Relative loss weights; they are normalised to sum to 1 as in the paper. The paper uses
         adv 3, rec 50, lat 1, cyc 50 and seg 0.01 with 1 % of slices annotated (10, 100, 1000
-        with 10 %, 20 %, 100 %). The default seg weight of 10 suits the few-slices-per-volume
-        use of this plugin, where a few percent to a fifth of the diseased slices carry masks.
+        with 10 %, 20 %, 100 %). The default seg weight of 100 (half of the total) keeps the
+        segmentation of the warm start while the translation losses switch on: with 10 a
+        one-CPU-minute run lost it entirely (Dice 0.0, docs/benchmarks.md, issue 19).
     residual_kernel : int
         Kernel side of the residual decoder (paper 5; the CPU default 3).
     spectral : bool
@@ -69,7 +70,7 @@ class TranslationParams(MethodParams):
     diseased crops that happen to carry a mask as in the paper.
     """
 
-    lr: float = 5e-4
+    lr: float = 1e-3
     beta1: float = 0.5
     beta2: float = 0.999
     features: tuple[int, ...] = (8, 16, 32, 64)
@@ -83,8 +84,8 @@ class TranslationParams(MethodParams):
     w_rec: float = 50.0
     w_lat: float = 1.0
     w_cyc: float = 50.0
-    w_seg: float = 10.0
-    warmup: float = 0.3
+    w_seg: float = 100.0
+    warmup: float = 0.4
     ramp: float = 0.2
     seg_ce: float = 1.0
     batch_split: bool = True
@@ -132,6 +133,7 @@ class Translation(Method):
         "paper": {
             "features": (16, 32, 64, 128, 256, 512), "unique_channels": 128, "residual_kernel": 5,
             "disc_features": (64, 128, 256, 512), "disc_scales": 3, "lr": 1e-4, "batch_split": False,
+            "w_seg": 10.0,
         },
     }
 
