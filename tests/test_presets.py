@@ -24,11 +24,15 @@ def _sizes(cls, preset):
 @pytest.mark.parametrize("name", list_methods())
 def test_each_preset_of_each_method_builds_and_trains_two_steps(name, preset):
     cls = get_method(name)
-    s = semiseg.make_phantom(0, shape=(8, 32, 32), labelled=2, n_tumours=1)
+    params = _sizes(cls, preset) if name == "unet3d" else None
+    # Instance norms need 2x2 latents: crops of twice the size multiple at least (the paper's
+    # translation network halves 5 times).
+    crop = max(32, 2 * cls(1, 2, params=cls.preset_params(preset, params)).size_multiple)
+    s = semiseg.make_phantom(0, shape=(8, crop, crop), labelled=2, n_tumours=1)
     labels = s.labels.copy()
     model = semiseg.train(
-        s.image, s.labels, tags=s.tags, method=name, params=_sizes(cls, preset) if name == "unet3d" else None,
-        preset=preset, config=TrainConfig(steps=2, batch_size=2, crop=32, seed=0), device="cpu",
+        s.image, s.labels, tags=s.tags, method=name, params=params,
+        preset=preset, config=TrainConfig(steps=2, batch_size=2, crop=crop, seed=0), device="cpu",
     )
     assert np.array_equal(s.labels, labels)
     assert model.method.step == 2
@@ -77,3 +81,36 @@ def test_unknown_preset_is_an_input_error(tiny_phantom):
     s = tiny_phantom
     with pytest.raises(InputError, match="unknown preset 'fast'"):
         semiseg.train(s.image, s.labels, preset="fast", config=TrainConfig(steps=1, batch_size=2, crop=32))
+
+
+def test_widget_settings_carry_the_preset_to_the_job():
+    from semiseg.napari._settings import TrainSettings, make_job
+
+    image = np.zeros((1, 4, 16, 16), np.float32)
+    labels = np.zeros((4, 16, 16), np.uint8)
+    labels[1, 4:8, 4:8] = 1
+    job = make_job(TrainSettings(preset="paper"), image, labels, train=True)
+    assert job.preset == "paper"
+    assert make_job(TrainSettings(), image, labels, train=True).preset == "auto"
+
+
+def test_cli_preset(tmp_path, capsys):
+    from semiseg.cli import build_parser, main
+    from semiseg.io import write_volume
+
+    s = semiseg.make_phantom(0, shape=(6, 32, 32), labelled=2, n_tumours=1)
+    write_volume(tmp_path / "image.tif", s.image)
+    write_volume(tmp_path / "labels.tif", s.labels)
+    out = tmp_path / "m.pt"
+    args = [str(tmp_path / "image.tif"), str(tmp_path / "labels.tif"), "-o", str(out),
+            "--steps", "1", "--batch-size", "2", "--crop", "32"]
+    assert main(["train", *args, "--preset", "paper", "--param", "features=8,16"]) == 0
+    model = semiseg.Model.load(out)
+    assert model.history[-1]["preset"] == "paper" and model.method.params.features == (8, 16)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args, "--preset", "fast"])
+    assert exc.value.code == 2
+    # The CLI offers exactly the library's presets.
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if "--preset" in a.option_strings)
+    assert tuple(train.choices) == ("auto", *PRESETS)

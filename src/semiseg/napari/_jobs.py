@@ -87,6 +87,8 @@ class TrainJob:
         Method hyperparameters (strings are coerced by the method).
     config : TrainConfig
     device : str
+    preset : str
+        Model sizes of a new model (``auto``, ``cpu``, ``paper``; see :func:`semiseg.engine.iter_train`).
     train : bool
         Train (False: only predict with the given model).
     predict : bool
@@ -113,6 +115,7 @@ class TrainJob:
     params: dict = dataclasses.field(default_factory=dict)
     config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     device: str = "auto"
+    preset: str = "auto"
     train: bool = True
     predict: bool = True
     out_dir: str | None = None
@@ -322,6 +325,7 @@ def _train(job: TrainJob, control: JobControl, model: Model | None, config: Trai
         config=config,
         model=model,
         device=job.device,
+        preset=job.preset,
         preview_index=control.preview_index,
         should_stop=lambda: control.stop_training.is_set() or control.cancel.is_set(),
         planes=job.planes,

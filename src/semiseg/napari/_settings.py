@@ -58,6 +58,9 @@ class TrainSettings:
         (:attr:`semiseg.TrainConfig.context`); a continued model keeps its own.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    preset : str
+        Model sizes of a new model: ``"auto"``, ``"cpu"`` or ``"paper"``
+        (:data:`semiseg.methods.base.PRESETS`).
     continue_model : bool
         Train on from the current model (False: from scratch).
     tta : bool
@@ -75,6 +78,7 @@ class TrainSettings:
     context: int = TrainConfig.context
     seed: int = 0
     device: str = "auto"
+    preset: str = "auto"
     continue_model: bool = True
     tta: bool = False
 
@@ -134,6 +138,7 @@ def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=N
         params=dict(settings.params),
         config=settings.config(preview_every, model),
         device=settings.device,
+        preset=settings.preset,
         train=train,
         # The suggestion list's pass runs in the worker too, not in the viewer's process.
         uncertainty=has_labels,
