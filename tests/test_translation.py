@@ -338,3 +338,25 @@ def test_missing_healthy_tags_fail_at_the_first_step_even_in_the_warm_up():
 def test_bad_warmup_share_raises():
     with pytest.raises(ValueError, match="warmup and ramp"):
         make_method(warmup=1.5)
+
+
+def test_sample_tumours_are_drawn_in_the_prediction_windows(monkeypatch):
+    import semiseg
+    from semiseg.model import Model
+
+    image, labels, tags = _volume(size=40)
+    model = semiseg.train(image, labels, tags=tags, method="translation", params=SMALL,
+                          config=TrainConfig(steps=1, batch_size=2, crop=16), device="cpu")
+    assert isinstance(model, Model) and model.tile_size == 16
+    seen = []
+    original = type(model.method).sample_tumours
+
+    def spy(self, x, n, seed=0):
+        seen.append(tuple(x.shape[-2:]))
+        return original(self, x, n, seed)
+
+    monkeypatch.setattr(type(model.method), "sample_tumours", spy)
+    out = semiseg.sample_tumours(model, image, 1, 2, seed=3)
+    assert out.shape == (2, 40, 40) and np.isfinite(out).all()
+    assert len(seen) > 1 and all(s == (16, 16) for s in seen)  # windows of the training crop
+    assert np.array_equal(out, semiseg.sample_tumours(model, image, 1, 2, seed=3))
