@@ -84,6 +84,25 @@ def error_anatomy(pred: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def residual_contrast(residual: np.ndarray, truth: np.ndarray, ring: int = 6) -> dict:
+    """Mean |residual| inside the tumours and in the organ around them, on diseased slices.
+
+    The surrounding organ is a ring of ``ring`` pixels around each slice's tumours (2 pixels
+    away from them, so the blurred tumour border is not counted). Returns
+    ``residual_tumour``, ``residual_around`` and their ratio ``residual_ratio``.
+    """
+    from scipy import ndimage as ndi
+
+    t = truth.astype(bool)
+    near = np.zeros((3, 3, 3), bool)
+    near[1] = ndi.generate_binary_structure(2, 1)
+    around = ndi.binary_dilation(t, near, iterations=ring + 2) & ~ndi.binary_dilation(t, near, iterations=2)
+    a = np.abs(residual.reshape(truth.shape).astype(np.float64))
+    inside, outside = float(a[t].mean()) if t.any() else 0.0, float(a[around].mean()) if around.any() else 0.0
+    return {"residual_tumour": round(inside, 2), "residual_around": round(outside, 2),
+            "residual_ratio": round(inside / max(outside, 1e-8), 3)}
+
+
 def run_one(method, sample_kind, k, seed, args, params, placement=None) -> dict:
     """Train ``method`` on sample ``sample_kind`` (seed) with K annotated slices and score it."""
     return run_regimes(method, sample_kind, [(k, placement or args.placement[0])], seed, args, params)[0]
@@ -130,17 +149,22 @@ def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
         whole = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
         model.tile_size = tile
     h = model.history[-1]
+    residual_map = None
+    if "residual" in model.method.outputs:  # issue 19: does the residual show the lesion?
+        residual_map = semiseg.predict_volume(model, sample.image, outputs=("residual",), probabilities=False)["residual"]
     rows = []
     for k, placement in regimes:
         scored = sample if (k, placement) == (k0, placement0) else semiseg.make_sample(
             sample_kind, seed=seed, labelled=k, placement=placement)
         if not np.array_equal(scored.truth, sample.truth):
             raise RuntimeError("the sample's volume changed with K or the placement")
-        rows.append(score_row(method, sample_kind, k, placement, seed, args, params, scored, res, whole, h, train_s))
+        rows.append(score_row(method, sample_kind, k, placement, seed, args, params, scored, res, whole, h, train_s,
+                              residual_map=residual_map))
     return rows
 
 
-def score_row(method, sample_kind, k, placement, seed, args, params, sample, res, whole, h, train_s) -> dict:
+def score_row(method, sample_kind, k, placement, seed, args, params, sample, res, whole, h, train_s, *,
+              residual_map=None) -> dict:
     """One result row: the prediction ``res`` scored on the slices ``sample`` leaves unannotated."""
     from semiseg.metrics import dice_per_class
 
@@ -152,7 +176,8 @@ def score_row(method, sample_kind, k, placement, seed, args, params, sample, res
     if whole is not None:
         d = dice_per_class(whole, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
         whole_dice = {"dice_whole_slices": round(d, 4)}
-    return {
+    residual = {} if residual_map is None else residual_contrast(residual_map, sample.truth)
+    return {**residual,
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
         "dice": round(hard, 4), "soft_dice": round(soft, 4), **whole_dice,
         "errors": error_anatomy(res["mask"][keep] == 1, sample.truth[keep] == 1),

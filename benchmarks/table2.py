@@ -82,18 +82,24 @@ def run_one(method: str, seed: int, train, test, args, params: dict) -> dict:
 
     import semiseg
     from semiseg.methods import get_method
+    from semiseg.methods.base import resolve_preset
 
     torch.set_num_threads(args.threads)
     cls = get_method(method)
     tags = train.tags if cls.uses_tags else None
+    device = getattr(args, "device", "cpu")
+    preset = getattr(args, "preset", "cpu")
+    # 48x48 slices; a network with more halvings (the paper preset of translation: 32) trains
+    # on crops padded up to its size multiple.
+    multiple = cls(1, 2, params=cls.preset_params(resolve_preset(preset, device), params)).size_multiple
     config = semiseg.TrainConfig(
-        steps=args.steps, minutes=args.minutes, clock="process", seed=seed,
-        batch_size=args.batch_size, crop=48,
+        steps=args.steps, minutes=args.minutes, clock=getattr(args, "clock", "process"), seed=seed,
+        batch_size=args.batch_size, crop=-(-48 // multiple) * multiple,
     )
     t0, c0 = time.perf_counter(), time.process_time()
     model = semiseg.train(
         train.image, train.labels, tags=tags, method=method, params=params or None,
-        config=config, device="cpu",
+        config=config, device=device, preset=preset,
     )
     train_cpu = time.process_time() - c0
     train_wall = time.perf_counter() - t0
@@ -107,6 +113,7 @@ def run_one(method: str, seed: int, train, test, args, params: dict) -> dict:
         "budget_cpu_minutes": args.minutes, "batch_size": args.batch_size, "threads": args.threads,
         "annotated": len(train.annotated), "n_train": args.n_train, "n_test": args.n_test,
         "clutter": args.clutter, "tags": tags is not None, "params": params, "losses": h["losses"],
+        "device": h["device"], "preset": h.get("preset"), "crop": config.crop, "clock": config.clock,
         "loadavg": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -28,6 +28,9 @@ import time
 import numpy as np
 import torch
 
+# Same --param syntax as the other harnesses (the script folder is on sys.path).
+from annotation_efficiency import parse_params
+
 
 class Timers:
     def __init__(self):
@@ -110,6 +113,108 @@ def bench_method(name, sample, args, timers):
     }
 
 
+class NetTimers:
+    """Per-network forward time and per-optimiser backward+step time of one method (issue 19).
+
+    ``forward[net]``: outermost calls into each of ``method.nets`` (module hooks; a network
+    called inside another's forward counts for the outer one). ``optimise[opt]``: the time of
+    :meth:`semiseg.methods.base.Method.optimise` for each optimiser, i.e. the backward pass of
+    the loss that optimiser minimises plus its step. ``step`` minus their sums is the rest:
+    losses outside the networks, sampling, engine bookkeeping.
+    """
+
+    def __init__(self, method):
+        self.forward: dict[str, float] = {}
+        self.optimise: dict[str, float] = {}
+        self._stack: list[tuple[str, float]] = []
+        self.handles = []
+        for key, net in method.nets.items():
+            self.handles.append(net.register_forward_pre_hook(self._pre(key)))
+            self.handles.append(net.register_forward_hook(self._post(key)))
+        names = {id(o): k for k, o in method.opts.items()}
+        real = method.optimise
+
+        def optimise(loss, opt, **kw):
+            t0 = time.process_time()
+            try:
+                return real(loss, opt, **kw)
+            finally:
+                k = names.get(id(opt), "other")
+                self.optimise[k] = self.optimise.get(k, 0.0) + time.process_time() - t0
+
+        method.optimise = optimise
+        self._method = method
+        self.at: float | None = None
+        real_step = method.training_step
+
+        def training_step(batch):
+            if self.at is not None:  # time a phase: after any warm-up, at the finest pyramid level
+                method.progress = self.at
+            return real_step(batch)
+
+        method.training_step = training_step
+
+    def _pre(self, key):
+        def pre(mod, args):
+            self._stack.append((key, time.process_time()))
+        return pre
+
+    def _post(self, key):
+        def post(mod, args, out):
+            k, t0 = self._stack.pop()
+            if not self._stack:
+                self.forward[k] = self.forward.get(k, 0.0) + time.process_time() - t0
+        return post
+
+    def reset(self):
+        self.forward.clear()
+        self.optimise.clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        del self._method.optimise
+        del self._method.training_step
+
+
+def profile_method(name, sample, args, params=None, preset="cpu"):
+    """One method's mean step time split per network (forward) and per loss (backward + step),
+    its progress held at ``args.at`` (0.9: past translation's warm-up, pyramid-gan's finest level).
+
+    Returns a JSON-able dict: ``step_s``, ``forward`` {net: s}, ``optimise`` {optimiser: s},
+    ``rest_s`` and the load average.
+    """
+    import semiseg
+
+    def config(steps):
+        return semiseg.TrainConfig(steps=steps, batch_size=args.batch_size, crop=args.crop, seed=0)
+
+    # The warm-up run builds the model; the timed run continues it with the timers attached.
+    model = semiseg.train(
+        sample.image, sample.labels, tags=sample.tags, method=name, config=config(args.warmup),
+        device="cpu", params=params, preset=preset,
+    )
+    timers = NetTimers(model.method)
+    timers.at = args.at
+    gen = semiseg.iter_train(
+        sample.image, sample.labels, tags=sample.tags, config=config(args.steps), model=model, device="cpu"
+    )
+    next(gen)
+    c0 = time.process_time()
+    for _ in gen:
+        pass
+    step = (time.process_time() - c0) / args.steps
+    fwd = {k: round(v / args.steps, 4) for k, v in timers.forward.items()}
+    opt = {k: round(v / args.steps, 4) for k, v in timers.optimise.items()}
+    timers.remove()
+    return {
+        "method": name, "preset": preset, "at_progress": args.at, "step_s": round(step, 4), "forward": fwd, "optimise": opt,
+        "rest_s": round(step - sum(fwd.values()) - sum(opt.values()), 4),
+        "batch_size": args.batch_size, "crop": args.crop, "threads": args.threads,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", help="default: every registered method")
@@ -118,11 +223,24 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true",
+                   help="split each step per network and per loss (process CPU time per step)")
+    p.add_argument("--preset", default="cpu", help="with --profile: cpu, paper or auto")
+    p.add_argument("--at", type=float, default=0.9,
+                   help="with --profile: the run's progress held during the timed steps")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --profile: METHOD:KEY=VALUE, a method hyperparameter (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import semiseg
 
     sample = semiseg.make_phantom(0, shape=(24, 128, 128), labelled=5)
+    if args.profile:
+        for name in args.methods or semiseg.list_methods():
+            params = parse_params(args.param).get(name)
+            row = profile_method(name, sample, args, params=params, preset=args.preset)
+            print(json.dumps({**row, **({"params": params} if params else {})}), flush=True)
+        return
     timers = Timers()
     timers.install()
     rows = []

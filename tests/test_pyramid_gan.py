@@ -225,3 +225,45 @@ def test_engine_trains_samples_and_leaves_labels_untouched():
     assert model.predict(s.image)["mask"].shape == s.image.shape
     tumours = semiseg.sample_tumours(model, s.image, 4, 2, seed=0)
     assert tumours.shape == (2, 32, 32) and np.isfinite(tumours).all()
+
+
+# ----------------------------------------------------------------------------- progress schedule (issue 19)
+def test_level_follows_the_run_progress_and_never_goes_back():
+    m = make(phase_steps=0, phase_fractions=(0.5, 0.5))
+    b = batch()
+    assert m.phase_ends is None and m.phase_shares == (0.5, 1.0)
+    levels = []
+    for progress in (0.0, 0.25, 0.5, 0.75):
+        m.progress = progress
+        levels.append(m.level)
+        m.training_step(b)
+        m.step += 1
+    assert levels == [0, 0, 1, 1]
+    # Continuing: the new run's progress starts again at 0, the level stays the finest reached.
+    m.progress = 0.0
+    assert m.level == 1 and m.warmed_up()
+    state = m.state_dict()
+    fresh = make(phase_steps=0, phase_fractions=(0.5, 0.5))
+    fresh.load_state_dict(state)
+    assert fresh.level == 1
+
+
+def test_progress_schedule_copies_the_coarser_weights_when_a_level_is_entered():
+    m = make(phase_steps=0, phase_fractions=(0.5, 0.5))
+    b = batch()
+    m.progress = 0.1
+    m.training_step(b)
+    m.progress = 0.6
+    m.training_step(b)  # enters level 1 from level 0's weights, then one Adam step
+    dist = max((a - q).abs().max().item() for a, q in zip(m.nets["seg0"].parameters(), m.nets["seg1"].parameters()))
+    assert dist < 0.01
+
+
+def test_engine_reaches_the_finest_level_in_any_budget():
+    s = make_phantom(0, shape=(8, 32, 32), labelled=2, n_tumours=1)
+    params = {**TINY, "phase_steps": 0}
+    model = train(
+        s.image, s.labels, tags=s.tags, method="pyramid-gan", params=params,
+        config=TrainConfig(steps=4, batch_size=2, crop=32, seed=0), device="cpu",
+    )
+    assert model.method.level == 1

@@ -33,7 +33,10 @@ def test_registered_with_outputs():
     cls = get_method("translation")
     assert cls.outputs == {"healthy": "image", "residual": "difference"}
     assert cls.can_sample and cls.uses_tags
-    assert cls.batch_needs(make_method(), 5) == {"diseased": 5, "healthy": 5}
+    # The batch's crops split between the domains (CPU default), N + N as the paper, and the
+    # annotated crops of the supervised objective.
+    assert cls.batch_needs(make_method(), 5) == {"labelled": 5, "diseased": 2, "healthy": 2}
+    assert cls.batch_needs(make_method(batch_split=False), 5) == {"labelled": 5, "diseased": 5, "healthy": 5}
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 24, 40), (3, 1, 32, 8)])
@@ -48,16 +51,21 @@ def test_reconstruction_is_healthy_plus_residual(shape):
     assert torch.equal(o["x_PP"], o["x_PA"] + o["res_PA"])
 
 
-def test_every_network_is_spectrally_normalised():
-    m = make_method()
+@pytest.mark.parametrize("spectral", [True, False])
+def test_every_network_is_spectrally_normalised(spectral):
+    # The paper's setting (the paper preset) normalises every network; the CPU default leaves
+    # the generator alone (its segmentation path learns nothing in minutes with it, issue 19).
+    m = make_method(spectral=spectral)
     assert set(m.nets) == {"gen", "disc_a", "disc_p"}
     for name, net in m.nets.items():
         layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert layers, name
-        unnormalised = [m for m in layers if not has_spectral_norm(m)]
-        assert not unnormalised, f"{name}: {len(unnormalised)} layer(s) without spectral norm"
+        normalised = [has_spectral_norm(m) for m in layers]
+        expected = spectral or name != "gen"
+        assert all(n == expected for n in normalised), f"{name}: spectral norm {normalised}"
     # 3 scales per discriminator.
     assert len(m.nets["disc_a"].nets) == 3
+    assert get_method("translation").preset_params("paper")["spectral"] is True
 
 
 def _perturb(param: torch.Tensor) -> None:
@@ -156,7 +164,7 @@ def test_hinge_losses_hand_computed():
 
 
 def test_one_training_step_updates_both_players():
-    m = make_method(lr=1e-3)
+    m = make_method(lr=1e-3, warmup=0.0)
     g = torch.Generator().manual_seed(0)
     batch = {
         "healthy": torch.randn(3, 1, 16, 16, generator=g),
@@ -249,3 +257,106 @@ def test_cli_predict_writes_translation_outputs(tmp_path):
     assert abs(float(res["healthy"].mean()) - 100) < 100
     for v in res.values():
         assert np.all(np.isfinite(v))
+
+
+# ----------------------------------------------------------------------------- warm start (issue 19)
+def _spy_phases(monkeypatch):
+    """(progress, phase) of every step: ``warm`` when the step trained the supervised
+    objective alone, ``translation`` when the translation losses ran too."""
+    cls = get_method("translation")
+    seen = []
+    original = cls.training_step
+
+    def spy(self, batch):
+        out = original(self, batch)
+        seen.append((self.progress, "warm" if set(out) == {"seg"} else "translation", self.translation_share()))
+        return out
+
+    monkeypatch.setattr(cls, "training_step", spy)
+    return seen
+
+
+def test_warm_start_switches_at_the_stated_share_of_a_step_budget(monkeypatch):
+    seen = _spy_phases(monkeypatch)
+    image, labels, tags = _volume()
+    before = labels.copy()
+    run(iter_train(
+        image, labels, tags=tags, method="translation", params={**SMALL, "warmup": 0.3, "ramp": 0.4},
+        config=TrainConfig(steps=10, batch_size=2, crop=16), device="cpu",
+    ))
+    assert np.array_equal(labels, before)
+    assert [phase for _, phase, _ in seen] == ["warm"] * 3 + ["translation"] * 7
+    # The translation weights ramp from 0 at 30 % to full at 70 % of the run.
+    shares = [share for _, _, share in seen]
+    assert shares == pytest.approx([0.0] * 4 + [0.25, 0.5, 0.75] + [1.0] * 3)
+
+
+def test_warm_start_switches_at_the_stated_share_of_a_time_budget(monkeypatch):
+    from semiseg import engine
+
+    ticks = iter(range(0, 10**6, 6))  # 6 CPU-seconds per clock reading: about 10 steps in 1 minute
+    monkeypatch.setattr(engine.time, "process_time", lambda: float(next(ticks)))
+    seen = _spy_phases(monkeypatch)
+    image, labels, tags = _volume()
+    run(iter_train(
+        image, labels, tags=tags, method="translation", params={**SMALL, "warmup": 0.5},
+        config=TrainConfig(steps=10**6, minutes=1, clock="process", batch_size=2, crop=16), device="cpu",
+    ))
+    assert len(seen) >= 4
+    for progress, phase, _ in seen:
+        assert phase == ("warm" if progress < 0.5 else "translation"), seen
+    assert {phase for _, phase, _ in seen} == {"warm", "translation"}
+
+
+def test_warm_up_trains_only_the_encoder_and_segmentation_path():
+    m = make_method(warmup=1.0)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "labelled": torch.randn(2, 1, 16, 16, generator=g), "mask": torch.randint(0, 2, (2, 16, 16), generator=g),
+        "healthy": torch.randn(2, 1, 16, 16, generator=g), "diseased": torch.randn(2, 1, 16, 16, generator=g),
+        "diseased_mask": torch.zeros(2, 16, 16, dtype=torch.long), "diseased_has_mask": torch.tensor([False, False]),
+    }
+    gen = m.nets["gen"]
+    before = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    disc = [p.detach().clone() for p in m.nets["disc_a"].parameters()]
+    assert set(m.training_step(batch)) == {"seg"}
+    changed = {k for k, v in gen.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("residual.") for k in changed)
+    assert not any(k.startswith("common.") for k in changed)  # the healthy decoder waits
+    assert all(torch.equal(a, b) for a, b in zip(disc, m.nets["disc_a"].parameters()))
+
+
+def test_missing_healthy_tags_fail_at_the_first_step_even_in_the_warm_up():
+    m = make_method(warmup=0.5)
+    batch = {"labelled": torch.randn(2, 1, 16, 16), "mask": torch.zeros(2, 16, 16, dtype=torch.long),
+             "diseased": torch.randn(2, 1, 16, 16)}
+    with pytest.raises(InputError, match="tagged healthy"):
+        m.training_step(batch)
+
+
+def test_bad_warmup_share_raises():
+    with pytest.raises(ValueError, match="warmup and ramp"):
+        make_method(warmup=1.5)
+
+
+def test_sample_tumours_are_drawn_in_the_prediction_windows(monkeypatch):
+    import semiseg
+    from semiseg.model import Model
+
+    image, labels, tags = _volume(size=40)
+    model = semiseg.train(image, labels, tags=tags, method="translation", params=SMALL,
+                          config=TrainConfig(steps=1, batch_size=2, crop=16), device="cpu")
+    assert isinstance(model, Model) and model.tile_size == 16
+    seen = []
+    original = type(model.method).sample_tumours
+
+    def spy(self, x, n, seed=0):
+        seen.append(tuple(x.shape[-2:]))
+        return original(self, x, n, seed)
+
+    monkeypatch.setattr(type(model.method), "sample_tumours", spy)
+    out = semiseg.sample_tumours(model, image, 1, 2, seed=3)
+    assert out.shape == (2, 40, 40) and np.isfinite(out).all()
+    assert len(seen) > 1 and all(s == (16, 16) for s in seen)  # windows of the training crop
+    assert np.array_equal(out, semiseg.sample_tumours(model, image, 1, 2, seed=3))

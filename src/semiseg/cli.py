@@ -46,6 +46,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "--param", action="append", default=[], metavar="KEY=VALUE",
         help="method hyperparameter, repeatable (see `semiseg methods --params`)",
     )
+    p.add_argument(
+        "--preset", default="auto", choices=("auto", "cpu", "paper"),
+        help="model sizes of a new model: cpu (minutes on a laptop CPU), paper (the paper's, for a "
+             "GPU); auto: paper on CUDA, else cpu. --param values win",
+    )
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", help="compile the networks with torch.compile (GPU runs)")
 
@@ -212,7 +217,7 @@ def _train(image, labels, tags, args, model=None, planes=None, init_from=None):
     gen = iter_train(
         image, labels, tags=tags, method=method, params=params or None, config=config,
         model=model, device=args.device, amp=not args.no_amp,
-        planes=planes, init_from=init_from,
+        planes=planes, init_from=init_from, preset=args.preset,
     )
     # Run the first step (input validation) before opening a progress bar.
     first = next(gen)

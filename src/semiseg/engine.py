@@ -22,7 +22,7 @@ from .device import resolve_device
 from .errors import InputError, PredictionError, TrainingError, first_line, is_out_of_memory
 from .inference import predict_normalised_slices, predict_normalised_volume
 from .methods import get_method
-from .methods.base import state_to_cpu
+from .methods.base import resolve_preset, state_to_cpu
 from .model import Model
 from .progress import Progress, progress_bar, run
 
@@ -197,6 +197,7 @@ def iter_train(
     should_stop: Callable[[], bool] | None = None,
     planes=None,
     init_from: Model | None = None,
+    preset: str = "auto",
 ) -> Generator[Progress, None, Model]:
     """Train a model, yielding :class:`Progress`; the generator returns the :class:`Model`.
 
@@ -236,6 +237,10 @@ def iter_train(
         are unlabelled even when labels painted in another plane cross them. The 2D methods
         train on the listed slices of the training axis; the others are kept in the pools
         (``SlicePools.planes``) and the history (``"planes"``). None: the slices holding labels.
+    preset : str
+        Model sizes of a new model (:data:`semiseg.methods.base.PRESETS`): ``cpu``, ``paper``,
+        or ``auto`` (``paper`` on CUDA, else ``cpu``); ``params`` win over it. The history
+        records the preset used (ignored when ``model`` is given).
 
     Raises
     ------
@@ -253,6 +258,13 @@ def iter_train(
     seed_everything(config.seed)
     # Whose crop a run without one keeps: the continued model's, or the one it starts from.
     continued = model if model is not None else init_from
+    used = None if model is not None else resolve_preset(preset, dev)
+    if used is not None:
+        given = dict(params or {})
+        params = get_method(method).preset_params(used, params)
+        if init_from is not None:  # the network's sizes are the model's it starts from
+            params = {k: v for k, v in params.items() if k in given or k not in ("features", "norm")}
+        used = f"{used} (auto: {dev.type})" if preset in (None, "auto") else used
     if init_from is not None:
         model = warm_start(init_from, image, pools, config, method=method, params=params, device=dev, amp=amp)
     model = _start_model(image, pools, config, model=model, method=method, params=params, device=dev, amp=amp)
@@ -328,7 +340,10 @@ def iter_train(
         if dev.type == "cuda":  # hand cached activations back to the driver
             torch.cuda.empty_cache()
         seconds = time.perf_counter() - start
-        model.history.append(_history_record(model, pools, config, dev, steps=step, seconds=seconds, losses=smoothed))
+        record = _history_record(model, pools, config, dev, steps=step, seconds=seconds, losses=smoothed)
+        if used is not None:
+            record["preset"] = used
+        model.history.append(record)
     return model
 
 

@@ -755,8 +755,16 @@ def sample_tumours(model: Model, image, index: int, n: int, *, seed: int = 0) ->
     idx = [slice(None)] * 4
     idx[model.axis + 1] = index
     x = model.normaliser(np.asarray(image[tuple(idx)], dtype=np.float32))[None]
-    t, (rows, cols) = pad_to_multiple(method, x)
-    with torch.no_grad():
-        samples = method.sample_tumours(t, n, seed)[:, 0, :, rows, cols].float().cpu().numpy()
+
+    # In the windows prediction uses (the training crop): a slice much larger than the crops
+    # the networks learnt on would be drawn with other normalisation statistics. Every window
+    # of sample i draws the same unique code (same seed, same window size), and the windows
+    # are blended like predictions.
+    def draw(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = method.sample_tumours(t, n, seed)
+        return {str(i): s[i] for i in range(n)}
+
+    res = apply_to_slices(method, x, draw, tile_size=model.tile_size)
+    samples = torch.stack([res[str(i)][0] for i in range(n)]).float().cpu().numpy()
     samples = model.normaliser.inverse(samples, channel_axis=1)
     return samples[:, 0] if squeeze else samples

@@ -341,11 +341,14 @@ def test_form_reads_into_settings_and_layer_changes_keep_the_choice(make_napari_
         w.steps_spin.setValue(11)
         w.minutes_spin.setValue(1.5)
         w.device_combo.setCurrentText("cpu")
+        assert w.preset_combo.currentText() == "auto"  # issue 19: paper on CUDA, else cpu
+        w.preset_combo.setCurrentText("paper")
         w.continue_check.setChecked(False)
         w.image_list.item(1).setCheckState(Qt.CheckState.Checked)
         s = w.form.settings()
         assert (s.images, s.labels, s.steps, s.minutes, s.device) == (("phantom", "t2"), "phantom labels", 11, 1.5, "cpu")
         assert not s.continue_model and s.method == w.method_combo.currentText()
+        assert s.preset == "paper"
         # Crop: "auto" by default (chosen from the volume by the engine), a number when set.
         assert w.crop_spin.text() == "auto" and s.crop is None and s.config().crop is None
         w.crop_spin.setValue(64)

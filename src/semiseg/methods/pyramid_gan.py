@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -30,22 +31,28 @@ class PyramidGANParams(MethodParams):
     beta1, beta2 : float
         Adam betas (0.5, 0.999).
     features : tuple of int
-        U-Net widths of each scale's segmenter (the paper uses a ~1M-parameter FC-DenseNet).
+        U-Net widths of each scale's segmenter (the paper uses a ~1M-parameter FC-DenseNet;
+        the ``paper`` preset 16, 32, 64; CPU default 8, 16, 32: the finest segmenter runs on
+        every crop, generated ones included, and cost most in the profile).
     num_scales : int
         Pyramid levels; each halves the side of the next finer one.
     phase_steps : int
-        Training steps of the whole coarse-to-fine schedule. The finest scale keeps training
-        after it; set it to about the number of steps you will train.
+        0 (default): the coarse-to-fine schedule follows the run's progress
+        (:attr:`Method.progress`, its steps or minutes, whichever binds), so every run of any
+        budget reaches the finest scale; a level once reached is kept when training continues.
+        N > 0: the schedule spans N training steps (the finest scale keeps training after).
     phase_fractions : tuple of float
-        Share of ``phase_steps`` spent on each scale, coarsest first (one per scale;
+        Share of the schedule spent on each scale, coarsest first (one per scale;
         normalised to sum 1). A scale is frozen once its phase ends.
     synth_warmup : float
         Part of a scale's phase before synthetic pairs train its segmenter (the paper holds them
         back 100 of 300 epochs) and pseudo-labelled pairs become discriminator positives.
     gen_features, gen_blocks : int
-        Width and conv-BN-LeakyReLU blocks of each generator (SinGAN: 32 and 4).
+        Width and conv-BN-LeakyReLU blocks of each generator (SinGAN: 32 and 4, the ``paper``
+        preset; CPU default 16 and 3).
     disc_features, disc_layers, disc_views : int
-        Width, stride-2 layers and resolutions (1, 1/2, 1/4, ...) of each discriminator.
+        Width, stride-2 layers and resolutions (1, 1/2, 1/4, ...) of each discriminator
+        (``paper`` preset 32, 3, 3; CPU default 16, 3, 2).
     noise_std : float
         Standard deviation of the noise injected at finer scales (1 at the coarsest).
     rec_weight, feat_weight, perc_weight : float
@@ -76,16 +83,16 @@ class PyramidGANParams(MethodParams):
     lr_d: float = 5e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    features: tuple[int, ...] = (16, 32, 64)
+    features: tuple[int, ...] = (8, 16, 32)
     num_scales: int = 3
-    phase_steps: int = 2000
+    phase_steps: int = 0
     phase_fractions: tuple[float, ...] = (0.25, 0.25, 0.5)
     synth_warmup: float = 1 / 3
-    gen_features: int = 32
-    gen_blocks: int = 4
-    disc_features: int = 32
+    gen_features: int = 16
+    gen_blocks: int = 3
+    disc_features: int = 16
     disc_layers: int = 3
-    disc_views: int = 3
+    disc_views: int = 2
     noise_std: float = 0.1
     rec_weight: float = 0.001
     feat_weight: float = 10.0
@@ -158,6 +165,13 @@ class PyramidGAN(Method):
     reference = "Li et al., Medical Image Analysis 2022"
     Params = PyramidGANParams
     can_sample = True
+    #: SinGAN's 32-channel, 4-block generators and 3-view discriminators; the CPU defaults
+    #: halve the widths, which cost most at the finest level (full-resolution convolutions).
+    presets = {
+        "cpu": {},
+        "paper": {"features": (16, 32, 64), "gen_features": 32, "gen_blocks": 4, "disc_features": 32,
+                  "disc_views": 3},
+    }
 
     # ------------------------------------------------------------------ construction
     def build(self) -> None:
@@ -169,8 +183,8 @@ class PyramidGAN(Method):
                 f"phase_fractions needs {p.num_scales} positive values (one per scale, coarsest "
                 f"first), got {p.phase_fractions}"
             )
-        if p.phase_steps < p.num_scales:
-            raise ValueError("phase_steps must be at least num_scales")
+        if p.phase_steps and p.phase_steps < p.num_scales:
+            raise ValueError("phase_steps must be 0 (follow the run's progress) or at least num_scales")
         if not 0 <= p.synth_warmup <= 1 or not 0 <= p.pseudo_positive_prob <= 1:
             raise ValueError("synth_warmup and pseudo_positive_prob must lie in [0, 1]")
         if p.noise_std < 0:
@@ -183,14 +197,17 @@ class PyramidGAN(Method):
                 c + k, num_views=p.disc_views, features=p.disc_features, n_layers=p.disc_layers
             )
         total = sum(p.phase_fractions)
-        ends = []
-        acc = 0.0
-        for f in p.phase_fractions:
-            acc += f / total
-            ends.append(max(1, round(acc * p.phase_steps)))
-        ends[-1] = p.phase_steps
-        #: Step at which each level's phase ends, coarsest first.
-        self.phase_ends = tuple(ends)
+        #: Share of the run (progress) at which each level's phase ends, coarsest first.
+        ends = list(itertools.accumulate(f / total for f in p.phase_fractions))
+        self.phase_shares = (*ends[:-1], 1.0)
+        #: Step at which each level's phase ends (a step schedule, ``phase_steps`` > 0), else None.
+        self.phase_ends = None
+        if p.phase_steps:
+            self.phase_ends = tuple(
+                [max(1, round(e * p.phase_steps)) for e in self.phase_shares[:-1]] + [p.phase_steps]
+            )
+        #: Finest level trained so far (progress schedule; saved, so a continued run keeps it).
+        self.reached = 0
 
     def make_optimizers(self) -> None:
         p = self.params
@@ -209,23 +226,51 @@ class PyramidGAN(Method):
 
     # ------------------------------------------------------------------ schedule
     def level_at(self, step: int) -> int:
-        """Pyramid level trained at ``step`` (0 = coarsest); the finest after ``phase_steps``."""
+        """Pyramid level of the step schedule at ``step`` (0 = coarsest); the finest after
+        ``phase_steps``. Needs ``phase_steps`` > 0."""
+        if self.phase_ends is None:
+            raise ValueError("level_at needs a step schedule (phase_steps > 0); see level_for")
         for lv, end in enumerate(self.phase_ends):
             if step < end:
                 return lv
         return self.params.num_scales - 1
 
+    def level_for(self, progress: float) -> int:
+        """Pyramid level of the progress schedule at ``progress`` in [0, 1]."""
+        for lv, end in enumerate(self.phase_shares):
+            if progress < end:
+                return lv
+        return self.params.num_scales - 1
+
     @property
     def level(self) -> int:
-        """Level being trained now; prediction uses it (the finer ones are still untrained)."""
-        return self.level_at(self.step)
+        """Level being trained now; prediction uses it (the finer ones are still untrained).
+        Under the progress schedule it never goes back: a continued run (whose progress starts
+        again at 0) keeps the finest level reached before."""
+        if self.phase_ends is not None:
+            return self.level_at(self.step)
+        return max(self.reached, self.level_for(self.progress))
 
-    def warmed_up(self, step: int) -> bool:
-        """Whether synthetic and pseudo-labelled pairs are in use at ``step``."""
+    def warmed_up(self, step: int | None = None) -> bool:
+        """Whether synthetic and pseudo-labelled pairs are in use at ``step`` (step schedule)
+        or now (progress schedule, ``step`` ignored): past the first ``synth_warmup`` of the
+        level's phase, or in a level reached by an earlier run."""
+        w = self.params.synth_warmup
+        if self.phase_ends is None:
+            lv, t = self.level, self.progress
+            start = self.phase_shares[lv - 1] if lv else 0.0
+            return t < start or t >= start + w * (self.phase_shares[lv] - start)
+        step = self.step if step is None else step
         lv = self.level_at(step)
         start = self.phase_ends[lv - 1] if lv else 0
         length = self.phase_ends[lv] - start
-        return step >= start + math.ceil(self.params.synth_warmup * length)
+        return step >= start + math.ceil(w * length)
+
+    def extra_state(self):
+        return {"reached": self.level}
+
+    def load_extra_state(self, state):
+        self.reached = int(state.get("reached", 0))
 
     def factor(self, level: int) -> int:
         """Downsampling factor of ``level`` relative to full resolution."""
@@ -292,11 +337,16 @@ class PyramidGAN(Method):
     def training_step(self, batch):
         p = self.params
         step = self.step
-        lv = self.level_at(step)
+        lv = self.level
         warm = self.warmed_up(step)
-        if lv and p.init_from_coarser and step == self.phase_ends[lv - 1]:
+        if self.phase_ends is not None:
+            entering = range(lv, lv + 1) if lv and step == self.phase_ends[lv - 1] else range(0)
+        else:  # every level passed over since the last step (a short run may skip one)
+            entering = range(self.reached + 1, lv + 1)
+        self.reached = max(self.reached, lv)
+        for new in entering if p.init_from_coarser else ():
             for kind in ("gen", "seg", "disc"):
-                self.nets[f"{kind}{lv}"].load_state_dict(self.nets[f"{kind}{lv - 1}"].state_dict())
+                self.nets[f"{kind}{new}"].load_state_dict(self.nets[f"{kind}{new - 1}"].state_dict())
         self._set_modes(lv)
         f = self.factor(lv)
         k = self.num_classes

@@ -149,7 +149,8 @@ class SemanticGANParams(MethodParams):
     encoder_lr : float
         Adam learning rate of the encoder.
     features : tuple of int
-        Channels from the generator's output resolution downwards (also D_r and encoder).
+        Channels from the generator's output resolution downwards (also D_r and encoder);
+        CPU default 8..64, the ``paper`` preset 16..128 (StyleGAN2's 512 scaled down).
     size : int
         Generator side (power of two). Training crops and predicted slices are resized so a
         training crop maps to ``size`` pixels; larger slices are predicted in overlapping tiles.
@@ -182,7 +183,7 @@ class SemanticGANParams(MethodParams):
 
     lr: float = 2e-3
     encoder_lr: float = 1e-3
-    features: tuple[int, ...] = (16, 32, 64, 128)
+    features: tuple[int, ...] = (8, 16, 32, 64)
     size: int = 64
     latent_dim: int = 64
     mapping_layers: int = 4
@@ -231,6 +232,8 @@ class SemanticGAN(Method):
     Params = SemanticGANParams
     outputs = {"reconstruction": "image"}
     can_sample = True
+    #: The earlier defaults (StyleGAN2's widths scaled to 16..128); CPU default halves them.
+    presets = {"cpu": {}, "paper": {"features": (16, 32, 64, 128)}}
 
     def build(self) -> None:
         p = self.params

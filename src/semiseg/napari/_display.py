@@ -220,6 +220,27 @@ def show_samples(viewer, image_name: str, samples: np.ndarray, index: int):
     return layer
 
 
+def difference_limits(data, *, percentile: float = 99.5, max_values: int = 2_000_000) -> tuple[float, float]:
+    """Colour limits ``(-m, m)`` symmetric around zero for a difference image (a residual):
+    ``m`` is the ``percentile`` of ``|data|``, so zero sits in the diverging colormap's neutral
+    middle and one outlier pixel does not wash the rest out.
+
+    ``data`` may be lazy (dask, zarr): at most ``max_values`` values are read, from evenly
+    spaced slices along the first axis. An all-zero or non-finite image gives ``(-1, 1)``.
+    """
+    shape = tuple(int(s) for s in np.shape(data))
+    if not shape or 0 in shape:
+        return (-1.0, 1.0)
+    per_slice = max(1, int(np.prod(shape[1:])))
+    step = max(1, -(-shape[0] * per_slice // max_values))
+    a = np.abs(np.asarray(data[::step], dtype=np.float32))
+    a = a[np.isfinite(a)]
+    m = float(np.percentile(a, percentile)) if a.size else 0.0
+    if not m > 0:
+        m = float(a.max()) if a.size and a.max() > 0 else 1.0
+    return (-m, m)
+
+
 def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_layer: Callable) -> list:
     """One callable per overlay layer of ``outputs`` (added or updated in place), then the
     tidying up (preview hidden, the user's labels, ``labels_layer()``, moved back on top)."""
@@ -257,8 +278,11 @@ def output_steps(viewer, name: str, outputs: dict, method_outputs: dict, labels_
         data = outputs[out_name]
         if data.ndim == 4 and data.shape[0] == 1:
             data = data[0]
-        cmap = "PiYG" if kind == "difference" else "gray"
-        steps.append(put(out_name, data, "image", colormap=cmap, visible=False))
+        if kind == "difference":  # zero in the colormap's middle: sign is the information
+            steps.append(put(out_name, data, "image", colormap="PiYG", visible=False,
+                             contrast_limits=difference_limits(data)))
+        else:
+            steps.append(put(out_name, data, "image", colormap="gray", visible=False))
 
     def tidy():
         preview = f"{name} preview"

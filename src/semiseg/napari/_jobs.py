@@ -87,6 +87,8 @@ class TrainJob:
         Method hyperparameters (strings are coerced by the method).
     config : TrainConfig
     device : str
+    preset : str
+        Model sizes of a new model (``auto``, ``cpu``, ``paper``; see :func:`semiseg.engine.iter_train`).
     train : bool
         Train (False: only predict with the given model).
     predict : bool
@@ -116,6 +118,7 @@ class TrainJob:
     params: dict = dataclasses.field(default_factory=dict)
     config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     device: str = "auto"
+    preset: str = "auto"
     train: bool = True
     predict: bool = True
     out_dir: str | None = None
@@ -327,6 +330,7 @@ def _train(job: TrainJob, control: JobControl, model: Model | None, config: Trai
         model=None if job.init_from else model,
         init_from=model if job.init_from else None,
         device=job.device,
+        preset=job.preset,
         preview_index=control.preview_index,
         should_stop=lambda: control.stop_training.is_set() or control.cancel.is_set(),
         planes=job.planes,

@@ -227,6 +227,19 @@ def _relay(gen):
     return ("ok", result)
 
 
+def _not_converged(result: _jobs.JobResult, labels) -> str | None:
+    """:func:`semiseg.metrics.convergence_warning` of a finished job's prediction (at most
+    64 evenly spaced slices of a large or lazy mask are read for the predicted shares)."""
+    from ..metrics import convergence_warning
+
+    mask = result.outputs.get("mask") if isinstance(result.outputs, dict) else None
+    annotated = result.model.history[-1].get("annotated_slices", [])
+    if mask is None or not annotated:
+        return None
+    step = max(1, int(mask.shape[0]) // 64)
+    return convergence_warning(np.asarray(mask[::step]), labels, annotated, axis=result.model.axis)
+
+
 def _remove_later(path: str) -> None:
     """Delete a job folder off the caller's thread (the GUI thread must not wait for it)."""
     threading.Thread(target=_jobs.remove_dir, args=(path,), daemon=True, name="semiseg-cleanup").start()
@@ -426,7 +439,9 @@ class Session:
                 _jobs.remove_dir(d)
             self.lazy_dirs = [result.out_dir] if result.out_dir else []
         self.events.model_changed.emit(self.model)
-        self.events.done.emit(Done(running.kind, result, outputs, running.image_name, self.describe(result, running.kind)))
+        labels = getattr(running.job, "labels", None)
+        self.events.done.emit(Done(running.kind, result, outputs, running.image_name,
+                                   self.describe(result, running.kind, labels)))
 
     def _on_finished(self) -> None:
         running, self.running = self.running, None
@@ -435,8 +450,10 @@ class Session:
         self.events.finished.emit(running)
 
     @staticmethod
-    def describe(result: _jobs.JobResult, kind: str) -> str:
-        """One status line for a finished training or prediction job."""
+    def describe(result: _jobs.JobResult, kind: str, labels=None) -> str:
+        """One status line for a finished training or prediction job; with the job's
+        ``labels``, it says when the prediction is clearly not converged
+        (:func:`semiseg.metrics.convergence_warning`)."""
         steps = result.model.history[-1]["steps"] if result.model.history else 0
         if kind == "train" or result.outputs is None:
             msg = f"Trained {steps} steps on {result.device}" + (" (stopped)" if result.stopped else "")
@@ -446,6 +463,10 @@ class Session:
             msg += "; prediction cancelled"
         if result.run is None and result.run_error:
             msg += f"; run not kept: {result.run_error}"
+        if labels is not None and result.outputs is not None and result.model.history:
+            warning = _not_converged(result, labels)
+            if warning:
+                msg += f"; {warning}"
         return msg
 
     # ------------------------------------------------------------------ models and runs

@@ -66,6 +66,9 @@ class TrainSettings:
         (:attr:`semiseg.TrainConfig.context`); a continued model keeps its own.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    preset : str
+        Model sizes of a new model: ``"auto"``, ``"cpu"`` or ``"paper"``
+        (:data:`semiseg.methods.base.PRESETS`).
     continue_model : bool
         Train on from the current model (False: from scratch); only a model of ``method`` is
         ever continued (:func:`start_mode`).
@@ -87,6 +90,7 @@ class TrainSettings:
     context: int = TrainConfig.context
     seed: int = 0
     device: str = "auto"
+    preset: str = "auto"
     continue_model: bool = True
     refine: bool = False
     tta: bool = False
@@ -214,6 +218,7 @@ def make_job(settings: TrainSettings, image, labels=None, tags=None, *, planes=N
         params=dict(settings.params),
         config=settings.config(preview_every, model),
         device=settings.device,
+        preset=settings.preset,
         train=train,
         # The suggestion list's pass runs in the worker too, not in the viewer's process.
         uncertainty=has_labels,

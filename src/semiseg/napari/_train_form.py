@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from .. import TrainConfig, list_methods
+from ..methods.base import PRESETS
 from ._combo import narrow_combo
 from ._lossplot import LossPlot
 from ._params import ParamsForm
@@ -40,7 +41,7 @@ __all__ = ["WIDGETS", "TrainForm"]
 #: The form's widgets, by attribute name (the Train widget exposes each under the same name).
 WIDGETS = (
     "image_list", "labels_combo", "method_combo", "method_summary", "params",
-    "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "context_spin", "seed_spin", "device_combo",
+    "steps_spin", "minutes_spin", "batch_spin", "crop_spin", "context_spin", "seed_spin", "device_combo", "preset_combo",
     "device_label", "continue_check", "model_label", "refine_check", "train_button", "predict_button", "stop_button",
     "progress", "status", "loss_plot", "accept_button", "undo_button", "range_from", "range_to",
     "accept_range_button", "overwrite_check", "samples_spin", "sample_button", "sample_row", "save_button",
@@ -172,6 +173,12 @@ class TrainForm:
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_label = QLabel()
         form.addRow("Device", _row(self.device_combo, self.device_label, stretch=(self.device_label,)))
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(["auto", *PRESETS])
+        self.preset_combo.setToolTip("Model sizes of a new model: cpu (minutes on a laptop), paper "
+                                     "(the paper's sizes, for a GPU); auto: paper on CUDA, else cpu. "
+                                     "Parameters set below win.")
+        form.addRow("Sizes", self.preset_combo)
         self.continue_check = QCheckBox("Continue from current model")
         self.continue_check.setToolTip("Train the current model on (its own method only); unchecked: from scratch")
         self.continue_check.setChecked(True)
@@ -262,6 +269,7 @@ class TrainForm:
             context=self.context_spin.value(),
             seed=self.seed_spin.value(),
             device=self.device_combo.currentText(),
+            preset=self.preset_combo.currentText(),
             continue_model=self.continue_check.isChecked() and self.continue_check.isEnabled(),
             refine=self.refine_check.isChecked() and not self.refine_check.isHidden(),
             tta=self.suggestions.tta_check.isChecked(),
