@@ -19,9 +19,11 @@ Example::
 
 ``--compete`` (issue 20) measures instead how training shares a busy machine: the step time of
 ``supervised`` alone, beside one competing busy process (a pure-Python loop, one core), and as
-one of two trainings started together, each under two thread policies: ``default`` (torch
-imported before semiseg: torch's default threads, OpenMP's spinning wait) and ``semiseg`` (what
-``semiseg train`` does: the passive OpenMP wait policy and :func:`semiseg.threads.default_threads`).
+one of two trainings started together, each under three thread policies: ``default`` (torch
+imported before semiseg: torch's default threads, OpenMP's spinning wait), ``passive`` (the
+passive OpenMP wait policy and :func:`semiseg.threads.default_threads`, fixed) and ``semiseg``
+(what ``semiseg train`` does: ``passive`` plus :class:`semiseg.threads.ThreadGovernor`, threads
+that follow the machine's load).
 Every training runs in a fresh process (OpenMP reads its wait policy when torch loads), the
 scenarios of one policy back to back, the whole sequence ``--repeats`` times::
 
@@ -39,7 +41,9 @@ import sys
 import time
 
 import numpy as np
-import torch
+
+# torch is imported inside the functions, after semiseg where it matters: ``--compete``'s
+# children must let ``import semiseg`` load torch (the OpenMP wait policy is read then).
 
 
 class Timers:
@@ -49,6 +53,7 @@ class Timers:
         self._f0 = self._o0 = 0.0
 
     def install(self):
+        import torch
         from torch.nn.modules import module as M
 
         def pre(mod, args):
@@ -125,20 +130,21 @@ def bench_method(name, sample, args, timers):
 
 # ----------------------------------------------------------------------------- --compete
 #: Thread policies of ``--compete``: what a training process does before it trains.
-POLICIES = ("default", "semiseg")
+POLICIES = ("default", "passive", "semiseg")
 
 
 def compete_child(policy: str, args) -> dict:
     """One timed ``supervised`` training in this (fresh) process under ``policy``."""
     if policy == "default":
-        import torch as _torch  # first: OpenMP loads with its own (spinning) wait policy
+        import torch  # first: OpenMP loads with its own (spinning) wait policy
 
-        threads = _torch.get_num_threads()
+        threads = torch.get_num_threads()
     import semiseg
+    from semiseg.threads import ThreadGovernor, configure_threads, import_torch
 
-    if policy == "semiseg":
-        from semiseg.threads import configure_threads
+    torch = import_torch()  # loaded by semiseg (policy "default": by the line above)
 
+    if policy != "default":
         threads = configure_threads()
     sample = semiseg.make_phantom(0, shape=(24, 128, 128), labelled=5)
     config = semiseg.TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size,
@@ -146,19 +152,27 @@ def compete_child(policy: str, args) -> dict:
     gen = semiseg.iter_train(sample.image, sample.labels, tags=sample.tags, method="supervised",
                              config=config, device="cpu")
     next(gen)
+    governor = ThreadGovernor.for_cli() if policy == "semiseg" else None
     for _ in range(args.warmup):
         next(gen)
-    times, cpu0 = [], time.process_time()
+        if governor is not None:
+            governor.step()
+    times, cpu0, used = [], time.process_time(), []
     t0 = time.perf_counter()
     for _ in range(args.steps):
         next(gen)
+        if governor is not None:
+            governor.step()
+        used.append(torch.get_num_threads())
         t1 = time.perf_counter()
         times.append(t1 - t0)
         t0 = t1
     cpu = time.process_time() - cpu0
     for _ in gen:
         pass
-    return {"policy": policy, "threads": threads, "step_s": round(statistics.median(times), 4),
+    return {"policy": policy, "threads": used if governor is not None else threads,
+            "others": None if governor is None else round(governor.others, 2),
+            "step_s": round(statistics.median(times), 4),
             "cpu_per_step_s": round(cpu / args.steps, 4)}
 
 
@@ -205,7 +219,11 @@ def compete(args) -> list[dict]:
             pair = _trainings(policy, 2, args)
             pair_step = statistics.mean(r["step_s"] for r in pair)
             row = {
-                "repeat": rep, "policy": policy, "threads": alone["threads"],
+                "repeat": rep, "policy": policy,
+                "threads": {"alone": alone["threads"], "busy": beside["threads"],
+                            "pair": [r["threads"] for r in pair]},
+                "others_seen": {"alone": alone["others"], "busy": beside["others"],
+                                "pair": [r["others"] for r in pair]},
                 "alone_s": alone["step_s"], "busy_s": beside["step_s"], "pair_s": round(pair_step, 4),
                 "busy_ratio": round(beside["step_s"] / alone["step_s"], 2),
                 "pair_ratio": round(pair_step / alone["step_s"], 2),
@@ -242,6 +260,8 @@ def main(argv=None):
     if args.compete:
         compete(args)
         return
+    import torch
+
     torch.set_num_threads(args.threads)
     import semiseg
 

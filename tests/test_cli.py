@@ -320,3 +320,33 @@ def test_python_dash_m_and_no_traceback(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+
+
+def test_suggest_prints_a_header_over_its_columns(sample_dir, model_path, capsys):
+    capsys.readouterr()
+    argv = ["suggest", str(model_path), str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-n", "2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["slice", "relative", "score", "mass"]
+    assert "axis 0, best first" in lines[0]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 2 and all(r[0].isdigit() and len(r) == 4 for r in rows)
+    assert float(rows[0][1]) == 1.0 and float(rows[1][1]) <= 1.0
+
+
+def test_runs_counts_painted_and_healthy_tagged_slices_apart(sample_dir, tmp_path, capsys):
+    from semiseg.data import HEALTHY, UNKNOWN, write_weak_csv
+
+    labels = read_volume(sample_dir / "labels.tif")
+    painted = np.flatnonzero(labels.reshape(len(labels), -1).any(1))
+    empty = np.setdiff1d(np.arange(len(labels)), painted)[:3]
+    tags = np.full(len(labels), UNKNOWN, np.int8)
+    tags[empty] = HEALTHY
+    write_weak_csv(tmp_path / "weak.csv", tags)
+    out = tmp_path / "m.pt"
+    assert main(["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(out),
+                 "--weak", str(tmp_path / "weak.csv"), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"  {len(painted)} painted slices, 3 healthy-tagged  " in line, line
