@@ -19,11 +19,10 @@ Example::
 
 ``--compete`` (issue 20) measures instead how training shares a busy machine: the step time of
 ``supervised`` alone, beside one competing busy process (a pure-Python loop, one core), and as
-one of two trainings started together, each under three thread policies: ``default`` (torch
-imported before semiseg: torch's default threads, OpenMP's spinning wait), ``passive`` (the
-passive OpenMP wait policy and :func:`semiseg.threads.default_threads`, fixed) and ``semiseg``
-(what ``semiseg train`` does: ``passive`` plus :class:`semiseg.threads.ThreadGovernor`, threads
-that follow the machine's load).
+one of two trainings started together, each under two thread policies: ``default`` (torch
+imported before semiseg: torch's default threads, OpenMP's spinning wait) and ``semiseg`` (what
+``semiseg train`` does: ``import semiseg`` loads torch with the passive OpenMP wait policy, then
+:func:`semiseg.threads.configure_threads`).
 Every training runs in a fresh process (OpenMP reads its wait policy when torch loads), the
 scenarios of one policy back to back, the whole sequence ``--repeats`` times::
 
@@ -130,48 +129,40 @@ def bench_method(name, sample, args, timers):
 
 # ----------------------------------------------------------------------------- --compete
 #: Thread policies of ``--compete``: what a training process does before it trains.
-POLICIES = ("default", "passive", "semiseg")
+POLICIES = ("default", "semiseg")
 
 
 def compete_child(policy: str, args) -> dict:
     """One timed ``supervised`` training in this (fresh) process under ``policy``."""
     if policy == "default":
         import torch  # first: OpenMP loads with its own (spinning) wait policy
-
-        threads = torch.get_num_threads()
     import semiseg
-    from semiseg.threads import ThreadGovernor, configure_threads, import_torch
+    from semiseg.threads import configure_threads, import_torch
 
     torch = import_torch()  # loaded by semiseg (policy "default": by the line above)
 
     if policy != "default":
-        threads = configure_threads()
+        configure_threads()
     sample = semiseg.make_phantom(0, shape=(24, 128, 128), labelled=5)
     config = semiseg.TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size,
                                  crop=args.crop, seed=0)
     gen = semiseg.iter_train(sample.image, sample.labels, tags=sample.tags, method="supervised",
                              config=config, device="cpu")
     next(gen)
-    governor = ThreadGovernor.for_cli() if policy == "semiseg" else None
     for _ in range(args.warmup):
         next(gen)
-        if governor is not None:
-            governor.step()
-    times, cpu0, used = [], time.process_time(), []
+    times, cpu0 = [], time.process_time()
     t0 = time.perf_counter()
+    spin = os.environ.get("OMP_WAIT_POLICY") or ("PASSIVE" if policy == "semiseg" else "spin (GNU default)")
     for _ in range(args.steps):
         next(gen)
-        if governor is not None:
-            governor.step()
-        used.append(torch.get_num_threads())
         t1 = time.perf_counter()
         times.append(t1 - t0)
         t0 = t1
     cpu = time.process_time() - cpu0
     for _ in gen:
         pass
-    return {"policy": policy, "threads": used if governor is not None else threads,
-            "others": None if governor is None else round(governor.others, 2),
+    return {"policy": policy, "threads": torch.get_num_threads(), "wait": spin,
             "step_s": round(statistics.median(times), 4),
             "cpu_per_step_s": round(cpu / args.steps, 4)}
 
@@ -220,10 +211,7 @@ def compete(args) -> list[dict]:
             pair_step = statistics.mean(r["step_s"] for r in pair)
             row = {
                 "repeat": rep, "policy": policy,
-                "threads": {"alone": alone["threads"], "busy": beside["threads"],
-                            "pair": [r["threads"] for r in pair]},
-                "others_seen": {"alone": alone["others"], "busy": beside["others"],
-                                "pair": [r["others"] for r in pair]},
+                "threads": alone["threads"], "wait": alone["wait"],
                 "alone_s": alone["step_s"], "busy_s": beside["step_s"], "pair_s": round(pair_step, 4),
                 "busy_ratio": round(beside["step_s"] / alone["step_s"], 2),
                 "pair_ratio": round(pair_step / alone["step_s"], 2),

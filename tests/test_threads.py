@@ -97,3 +97,4 @@ def test_the_cli_keeps_a_users_thread_count(monkeypatch, torch_threads, capsys):
     torch.set_num_threads(1)
     assert main(["methods"]) == 0
     assert torch.get_num_threads() == 1
+

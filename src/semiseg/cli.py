@@ -242,19 +242,9 @@ def _train(image, labels, tags, args, model=None, planes=None):
     )
     # Run the first step (input validation) before opening a progress bar.
     first = next(gen)
-    from .threads import ThreadGovernor
-
-    governor = ThreadGovernor.for_cli()  # threads follow the machine's load (semiseg.threads)
     with _progress_bar(config.steps, f"train {args.method}") as update:
         update(first)
-        if governor is None:
-            return run(gen, update)
-
-        def step(p):
-            governor.step()
-            update(p)
-
-        return run(gen, step)
+        return run(gen, update)
 
 
 def _context_option(args, model) -> dict:

@@ -16,12 +16,8 @@ measured in docs/benchmarks.md "Training under contention"):
   those only queue. :func:`default_threads` is the smaller of torch's default and
   :func:`available_cpus`; the CLI sets it (:func:`configure_threads`), the napari worker sets its
   own (one thread by default, so the viewer keeps a core).
-* **Threads that follow the load.** Even sleeping idle threads lose when the CPUs are shared: a
-  parallel region ends when its *last* thread does, and with more runnable threads than CPUs one
-  of ours waits for a time slice at every region. :class:`ThreadGovernor` (the CLI's training
-  loop calls it between steps) counts the other runnable threads of the machine
-  (``/proc/loadavg``) and uses the CPUs they leave free: two threads on an idle 2-core machine,
-  one beside one busy process or a second training.
+Lowering the thread count further when other processes run (to the CPUs they leave free) was
+measured and not kept: slower in every scenario (docs/benchmarks.md).
 
 This module imports no torch at module level, so it can run before torch loads.
 """
@@ -32,11 +28,9 @@ import contextlib
 import math
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ThreadGovernor", "available_cpus", "configure_threads", "default_threads", "import_torch"]
+__all__ = ["available_cpus", "configure_threads", "default_threads", "import_torch"]
 
 #: Environment variables through which a user chooses the OpenMP wait behaviour themselves.
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -45,8 +39,6 @@ THREADS_ENV = ("OMP_NUM_THREADS", "TORCH_NUM_THREADS")
 #: torch's intra-op threads when :func:`import_torch` first saw torch (its default, unless the
 #: user had changed it), so that :func:`default_threads` does not depend on earlier calls.
 _torch_threads_at_import: int | None = None
-#: Whether :func:`import_torch` loaded torch with the passive wait policy (or the user chose it).
-_passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 
 
 def _cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -127,112 +119,13 @@ def import_torch():
         ``torch``. Without effect on the wait policy when torch was imported already (its OpenMP
         runtime read the environment then) or the user set one of :data:`WAIT_ENV`.
     """
-    global _torch_threads_at_import, _passive
+    global _torch_threads_at_import
     if "torch" in sys.modules or any(k in os.environ for k in WAIT_ENV):
         import torch
     else:
         with _env("OMP_WAIT_POLICY", "PASSIVE"):
             import torch
-        _passive = True
     if _torch_threads_at_import is None:
         _torch_threads_at_import = torch.get_num_threads()
     return torch
 
-
-def runnable_threads(path: str | Path = "/proc/loadavg") -> int | None:
-    """Threads of the whole machine running or ready to run now (the caller's included), from
-    the fourth field of ``/proc/loadavg``; None where that file is missing (not Linux)."""
-    try:
-        return int(Path(path).read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class ThreadGovernor:
-    """Adapts torch's intra-op threads, between training steps, to the CPUs other work leaves.
-
-    Call :meth:`step` once per training step, between steps (then this process's OpenMP
-    threads sleep, under the passive wait policy, and the caller's thread is its only runnable
-    one). Each call reads the machine's runnable threads and keeps an exponential average of
-    the *others* (that count less one); every ``every`` calls the thread count becomes the CPUs
-    they leave free, between 1 and ``max_threads``.
-
-    Parameters
-    ----------
-    max_threads : int, optional
-        Upper bound (default :func:`default_threads`).
-    cpus : int, optional
-        CPUs of the machine this process shares (default :func:`available_cpus`).
-    every : int
-        Steps between changes of the thread count.
-    probe : callable
-        Returns the runnable threads now, or None (:func:`runnable_threads`; a parameter for
-        the tests).
-    set_threads : callable
-        Sets the thread count (default ``torch.set_num_threads``).
-
-    Attributes
-    ----------
-    threads : int
-        The thread count in force.
-    others : float
-        The smoothed count of other runnable threads.
-    """
-
-    def __init__(
-        self,
-        max_threads: int | None = None,
-        cpus: int | None = None,
-        *,
-        every: int = 5,
-        probe: Callable[[], int | None] = runnable_threads,
-        set_threads: Callable[[int], None] | None = None,
-    ):
-        self.max_threads = max(1, max_threads or default_threads())
-        self.cpus = max(1, cpus or available_cpus())
-        self.every = max(1, int(every))
-        self._probe = probe
-        self._set = set_threads or import_torch().set_num_threads
-        self._calls = 0
-        # Start from a short burst of readings, so the first steps already run with a fitting count.
-        readings = []
-        for _ in range(8):
-            r = probe()
-            if r is None:
-                break
-            readings.append(max(0, r - 1))
-            time.sleep(0.002)
-        self.others = sum(readings) / len(readings) if readings else 0.0
-        self.threads = self._want()
-        self._set(self.threads)
-
-    @classmethod
-    def for_cli(cls) -> ThreadGovernor | None:
-        """The CLI's governor, or None where it would guess wrong: the user fixed the threads
-        (``OMP_NUM_THREADS``), idle threads may spin (another wait policy than passive), the
-        process sees only part of the machine (affinity or a CPU quota: ``/proc/loadavg`` counts
-        the whole host) or there is no ``/proc/loadavg``."""
-        if any(os.environ.get(k) for k in THREADS_ENV):
-            return None
-        if os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper() != "PASSIVE" or not _passive:
-            return None
-        if available_cpus() != (os.cpu_count() or 1) or runnable_threads() is None:
-            return None
-        return cls()
-
-    def _want(self) -> int:
-        return int(min(self.max_threads, max(1, round(self.cpus - self.others))))
-
-    def step(self) -> int:
-        """Read the load once; every ``every`` calls adapt the thread count. Returns it."""
-        r = self._probe()
-        if r is None:
-            return self.threads
-        self.others = 0.7 * self.others + 0.3 * max(0, r - 1)
-        self._calls += 1
-        if self._calls % self.every == 0:
-            want = self._want()
-            if want != self.threads:
-                self.threads = want
-                self._set(want)
-        return self.threads
