@@ -545,7 +545,7 @@ def cmd_demo(args) -> int:
     if _cap_note(h):
         print("  (a busy machine: fewer steps, a lower Dice; README.md gives the expected figures)")
     print(f"dice on unannotated slices: {scores[1]:.4f}")
-    print(f"wrote {out / 'mask.tif'} and {out / 'model.pt'} (and the sample) in {out}")
+    print(f"wrote {out / 'mask.tif'}, {out / 'model.pt'} and the sample")
     return 0
 
 
