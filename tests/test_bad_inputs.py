@@ -149,7 +149,7 @@ CLI_CASES = [
     ("planes-binary", "train {img} {lab} -o {out}.pt --planes {planes_binary}", "not a text file"),
     ("planes-bad-row", "train {img} {lab} -o {out}.pt --planes {planes_badrow}", "bad row 0,x"),
     ("swapped-image-labels", "train {lab} {img_int16} -o {out}.pt", "did you swap IMAGE and LABELS?"),
-    ("swapped-float-image", "train {lab} {img} -o {out}.pt", "did you swap IMAGE and LABELS?"),
+    ("swapped-small-image", "train {lab} {img} -o {out}.pt", "did you swap IMAGE and LABELS?"),  # 38 values
     ("suggest-swapped", "suggest {model} {lab} {img_int16}", "did you swap IMAGE and LABELS?"),
     ("weak-binary", "train {img} {lab} -o {out}.pt --weak {weak_binary}",
      "weak_binary.csv: not a text file; expected a CSV with the header 'slice,diseased'"),
