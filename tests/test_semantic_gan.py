@@ -163,7 +163,7 @@ def test_training_step_finite_and_updates_every_network():
     m = make()
     before = {k: [p.detach().clone() for p in n.parameters()] for k, n in m.nets.items()}
     losses = m.training_step(batch())
-    assert {"d_img", "d_seg", "g_img", "g_seg", "r1_img", "r1_seg", "e_recon", "e_ce", "e_dice"} <= set(losses)
+    assert {"d_img", "d_seg", "g_img", "g_seg", "r1_img", "r1_seg", "e_recon", "e_ce", "e_dice_loss"} <= set(losses)
     assert all(math.isfinite(v) for v in losses.values())
     assert losses["r1_seg"] > 0  # step 0 is a regularisation step
     for k, net in m.nets.items():
