@@ -16,6 +16,17 @@ is not the networks' forward/backward: data, losses outside the networks, optimi
 Example::
 
     python benchmarks/train_speed.py --batch-size 8 --crop 96 --steps 5 --warmup 2
+
+``--compete`` (issue 20) measures instead how training shares a busy machine: the step time of
+``supervised`` alone, beside one competing busy process (a pure-Python loop, one core), and as
+one of two trainings started together, each under two thread policies: ``default`` (torch
+imported before semiseg: torch's default threads, OpenMP's spinning wait) and ``semiseg`` (what
+``semiseg train`` does: ``import semiseg`` loads torch with the passive OpenMP wait policy, then
+:func:`semiseg.threads.configure_threads`).
+Every training runs in a fresh process (OpenMP reads its wait policy when torch loads), the
+scenarios of one policy back to back, the whole sequence ``--repeats`` times::
+
+    python benchmarks/train_speed.py --compete --steps 8 --warmup 2 --repeats 2
 """
 
 from __future__ import annotations
@@ -23,10 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
-import torch
+
+# torch is imported inside the functions, after semiseg where it matters: ``--compete``'s
+# children must let ``import semiseg`` load torch (the OpenMP wait policy is read then).
 
 # Same --param syntax as the other harnesses (the script folder is on sys.path).
 from annotation_efficiency import parse_params
@@ -39,6 +55,7 @@ class Timers:
         self._f0 = self._o0 = 0.0
 
     def install(self):
+        import torch
         from torch.nn.modules import module as M
 
         def pre(mod, args):
@@ -215,6 +232,108 @@ def profile_method(name, sample, args, params=None, preset="cpu"):
     }
 
 
+# ----------------------------------------------------------------------------- --compete
+#: Thread policies of ``--compete``: what a training process does before it trains.
+POLICIES = ("default", "semiseg")
+
+
+def compete_child(policy: str, args) -> dict:
+    """One timed ``supervised`` training in this (fresh) process under ``policy``."""
+    if policy == "default":
+        import torch  # first: OpenMP loads with its own (spinning) wait policy
+    import semiseg
+    from semiseg.threads import configure_threads, import_torch
+
+    torch = import_torch()  # loaded by semiseg (policy "default": by the line above)
+
+    if policy != "default":
+        configure_threads()
+    sample = semiseg.make_phantom(0, shape=(24, 128, 128), labelled=5)
+    config = semiseg.TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size,
+                                 crop=args.crop, seed=0)
+    gen = semiseg.iter_train(sample.image, sample.labels, tags=sample.tags, method="supervised",
+                             config=config, device="cpu")
+    next(gen)
+    for _ in range(args.warmup):
+        next(gen)
+    times, cpu0 = [], time.process_time()
+    t0 = time.perf_counter()
+    spin = os.environ.get("OMP_WAIT_POLICY") or ("PASSIVE" if policy == "semiseg" else "spin (GNU default)")
+    for _ in range(args.steps):
+        next(gen)
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    cpu = time.process_time() - cpu0
+    for _ in gen:
+        pass
+    return {"policy": policy, "threads": torch.get_num_threads(), "wait": spin,
+            "step_s": round(statistics.median(times), 4),
+            "cpu_per_step_s": round(cpu / args.steps, 4)}
+
+
+def _child_cmd(policy: str, args) -> list[str]:
+    return [sys.executable, __file__, "--compete-child", policy, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+            "--crop", str(args.crop)]
+
+
+def _child_env() -> dict:
+    # The policies choose the threads themselves: no inherited OMP_NUM_THREADS or wait policy.
+    drop = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS", "OMP_WAIT_POLICY",
+            "GOMP_SPINCOUNT"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _trainings(policy: str, n: int, args) -> list[dict]:
+    """``n`` trainings started together; their results."""
+    procs = [subprocess.Popen(_child_cmd(policy, args), env=_child_env(), stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"training child failed ({p.returncode})")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def compete(args) -> list[dict]:
+    """Alone, beside one busy process, two at once: per policy, back to back, ``--repeats``."""
+    rows = []
+    for rep in range(args.repeats):
+        for policy in POLICIES if rep % 2 == 0 else POLICIES[::-1]:
+            load = [round(x, 2) for x in os.getloadavg()]
+            alone = _trainings(policy, 1, args)[0]
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.5)
+                beside = _trainings(policy, 1, args)[0]
+            finally:
+                busy.kill()
+                busy.wait()
+            pair = _trainings(policy, 2, args)
+            pair_step = statistics.mean(r["step_s"] for r in pair)
+            row = {
+                "repeat": rep, "policy": policy,
+                "threads": alone["threads"], "wait": alone["wait"],
+                "alone_s": alone["step_s"], "busy_s": beside["step_s"], "pair_s": round(pair_step, 4),
+                "busy_ratio": round(beside["step_s"] / alone["step_s"], 2),
+                "pair_ratio": round(pair_step / alone["step_s"], 2),
+                "cpu_per_step_s": {"alone": alone["cpu_per_step_s"], "busy": beside["cpu_per_step_s"],
+                                   "pair": [r["cpu_per_step_s"] for r in pair]},
+                "loadavg_before": load, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for policy in POLICIES:
+        mine = [r for r in rows if r["policy"] == policy]
+        print(json.dumps({"summary": policy, "target_busy_ratio": 2.5,
+                          "busy_ratio": [r["busy_ratio"] for r in mine],
+                          "pair_ratio": [r["pair_ratio"] for r in mine]}), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", help="default: every registered method")
@@ -230,7 +349,19 @@ def main(argv=None):
                    help="with --profile: the run's progress held during the timed steps")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="with --profile: METHOD:KEY=VALUE, a method hyperparameter (repeatable)")
+    p.add_argument("--compete", action="store_true",
+                   help="training under contention (issue 20): alone, beside a busy process, two at once")
+    p.add_argument("--repeats", type=int, default=2, help="--compete: rounds of the whole sequence")
+    p.add_argument("--compete-child", choices=POLICIES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compete_child:
+        print(json.dumps(compete_child(args.compete_child, args)), flush=True)
+        return
+    if args.compete:
+        compete(args)
+        return
+    import torch
+
     torch.set_num_threads(args.threads)
     import semiseg
 

@@ -78,6 +78,8 @@ def _bad_files(d: Path, s) -> dict[str, Path]:
         "img_nan": nan,
         "img_inf": inf,
         "img_2ch": np.stack([img, img]),
+        # the image as a scanner stores it: 16-bit integers (passed as LABELS when swapped)
+        "img_int16": ((img - img.min()) / (img.max() - img.min()) * 1148).astype(np.int16),
     }
     for k, a in arrays.items():
         np.save(b / f"{k}.npy", a)
@@ -100,6 +102,8 @@ def _bad_files(d: Path, s) -> dict[str, Path]:
     }.items():
         (b / f"{name}.csv").write_text(text)
     (b / "planes_binary.csv").write_bytes(b"\xff\xfe\x00\x89PNG" + os.urandom(64))
+    (b / "weak_binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x80" + os.urandom(64))  # not text
+    (b / "weak_text.csv").write_text("hello, I am text\n")
     m2 = semiseg.train(
         np.stack([img, img]), lab, params=API_PARAMS, config=semiseg.TrainConfig(**API_CONFIG), device="cpu"
     )
@@ -144,6 +148,13 @@ CLI_CASES = [
     ("planes-not-csv", "train {img} {lab} -o {out}.pt --planes {planes_text}", "not a planes file"),
     ("planes-binary", "train {img} {lab} -o {out}.pt --planes {planes_binary}", "not a text file"),
     ("planes-bad-row", "train {img} {lab} -o {out}.pt --planes {planes_badrow}", "bad row 0,x"),
+    ("swapped-image-labels", "train {lab} {img_int16} -o {out}.pt", "did you swap IMAGE and LABELS?"),
+    ("swapped-small-image", "train {lab} {img} -o {out}.pt", "did you swap IMAGE and LABELS?"),  # 38 values
+    ("suggest-swapped", "suggest {model} {lab} {img_int16}", "did you swap IMAGE and LABELS?"),
+    ("weak-binary", "train {img} {lab} -o {out}.pt --weak {weak_binary}",
+     "weak_binary.csv: not a text file; expected a CSV with the header 'slice,diseased'"),
+    ("weak-not-csv", "train {img} {lab} -o {out}.pt --weak {weak_text}",
+     "weak_text.csv: not a weak-tag file: expected a CSV with the header 'slice,diseased'"),
     ("planes-missing", "train {img} {lab} -o {out}.pt --planes {d}/nope.csv", "cannot read planes"),
     ("planes-other-axis-only", "train {img} {lab} -o {out}.pt --planes {planes_sagittal_only}",
      "no annotated slice along the training axis 0"),
@@ -229,6 +240,7 @@ API_CASES = [
     ("empty-labels", lambda s: (s.image, np.zeros_like(s.labels)), "no annotated slice"),
     ("nan", lambda s: (np.where(np.arange(32) == 3, np.nan, s.image.astype(np.float32)), s.labels), "NaN or Inf"),
     ("complex", lambda s: (s.image.astype(np.complex64), s.labels), "not numeric"),
+    ("swapped", lambda s: (s.labels, (s.image * 1000).astype(np.uint16)), "did you swap IMAGE and LABELS?"),
 ]
 
 

@@ -1,4 +1,6 @@
+import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -70,7 +72,7 @@ def test_train_with_planes_records_them_and_runs_lists_them(sample_dir, tmp_path
     capsys.readouterr()
     assert main(["runs", str(out)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert f"{len(axial)} annotated slices" in line
+    assert f"{len(axial)} painted slices" in line
     assert f"planes: axial {', '.join(map(str, axial))}; sagittal {x}" in line
 
 
@@ -149,6 +151,84 @@ def test_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dice on unannotated slices:" in out
     assert (tmp_path / "d" / "mask.tif").is_file() and (tmp_path / "d" / "model.pt").is_file()
+    assert "cap" not in out  # 2 of 2 steps: the time cap did not end training
+
+
+def test_demo_without_a_folder_writes_demo_output_and_every_printed_path_exists(tmp_path, monkeypatch, capsys):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--kind", "digits", "--labelled", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "demo-output" / "mask.tif").is_file()
+    printed = re.findall(r"\S+\.(?:tif|pt)\b", out)
+    assert printed and all((tmp_path / p).is_file() for p in printed), out
+
+
+def test_demo_says_when_its_time_cap_ended_training(tmp_path, capsys):
+    # A cap of 6 ms: the first step already takes longer, so training ends after 1 of 50 steps.
+    argv = ["demo", str(tmp_path / "d"), "--kind", "digits", "--labelled", "2", *TINY,
+            "--steps", "50", "--minutes", "0.0001"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the 0.0001-minute cap (--minutes 0.0001) ended training after 1 of 50 steps" in out
+    assert "README.md gives the expected figures" in out
+
+
+def test_train_says_when_minutes_ended_training(sample_dir, tmp_path, capsys):
+    argv = ["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o",
+            str(tmp_path / "m.pt"), "--no-runs", *TINY, "--steps", "50", "--minutes", "0.0001"]
+    assert main(argv) == 0
+    assert "cap (--minutes 0.0001) ended training after 1 of 50 steps" in capsys.readouterr().out
+
+
+def _help(verb: str) -> str:
+    from semiseg.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices[verb].format_help()
+
+
+def _entries(help_text: str) -> dict[str, str]:
+    """Argument -> its help entry (wrapped lines joined), from argparse's rendered help."""
+    entries, key = {}, None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (-{0,2}[\w-]+)(.*)$", line)
+        if m:
+            key = m.group(1)
+            entries[key] = m.group(2)
+        elif key and line.startswith("      "):
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_train_help_describes_the_verb_its_arguments_and_every_default():
+    from semiseg.cli import build_parser
+
+    text = _help("train")
+    assert "Train a model on an image and sparse labels." in " ".join(text.split())  # description
+    entries = _entries(text)
+    assert entries["image"].startswith("image volume (Z, Y, X)")
+    assert entries["labels"].startswith("labels of the image's (Z, Y, X) shape")
+    assert "model file to write" in entries["-o"]
+    for option, default in (("--crop", "96"), ("--batch-size", "8"), ("--steps", "300"),
+                            ("--anneal", "0.0"), ("--seed", "0"), ("--device", "auto")):
+        assert entries[option].endswith(f"(default: {default})"), entries[option]
+    # Every argument has a help text, and every option with a default shows it.
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        assert action.help, action.dest
+        if action.default is None or action.default is False or action.default == []:
+            continue
+        if action.default != argparse.SUPPRESS:
+            assert entries[action.option_strings[0]].endswith(f"(default: {action.default})"), action.dest
+
+
+def test_demo_help_shows_its_own_defaults():
+    entries = _entries(_help("demo"))
+    assert entries["out_dir"].endswith("(default: demo-output)")
+    assert entries["--steps"].endswith("(default: 400)") and entries["--minutes"].endswith("(default: 4.0)")
 
 
 def _bad(tmp_path, name, data):
@@ -271,3 +351,33 @@ def test_init_from_starts_a_new_method_from_the_models_weights(sample_dir, model
     model = semiseg.load_model(out)
     assert model.method.name == "self-training" and model.method.params.features == (8, 16)
     assert [h["method"] for h in model.history] == ["supervised", "self-training"]
+
+
+def test_suggest_prints_a_header_over_its_columns(sample_dir, model_path, capsys):
+    capsys.readouterr()
+    argv = ["suggest", str(model_path), str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-n", "2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["slice", "relative", "score", "mass"]
+    assert "axis 0, best first" in lines[0]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 2 and all(r[0].isdigit() and len(r) == 4 for r in rows)
+    assert float(rows[0][1]) == 1.0 and float(rows[1][1]) <= 1.0
+
+
+def test_runs_counts_painted_and_healthy_tagged_slices_apart(sample_dir, tmp_path, capsys):
+    from semiseg.data import HEALTHY, UNKNOWN, write_weak_csv
+
+    labels = read_volume(sample_dir / "labels.tif")
+    painted = np.flatnonzero(labels.reshape(len(labels), -1).any(1))
+    empty = np.setdiff1d(np.arange(len(labels)), painted)[:3]
+    tags = np.full(len(labels), UNKNOWN, np.int8)
+    tags[empty] = HEALTHY
+    write_weak_csv(tmp_path / "weak.csv", tags)
+    out = tmp_path / "m.pt"
+    assert main(["train", str(sample_dir / "image.tif"), str(sample_dir / "labels.tif"), "-o", str(out),
+                 "--weak", str(tmp_path / "weak.csv"), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"  {len(painted)} painted slices, 3 healthy-tagged  " in line, line

@@ -60,6 +60,64 @@ def test_validate_labels_rejects(labels, message):
         validate_labels(labels, (3, 4, 4))
 
 
+def _image(dtype, scale):
+    """A phantom image as a scanner would store it (the would-be labels of a swapped call)."""
+    from semiseg.synthetic import make_phantom
+
+    img = make_phantom(0, shape=(8, 48, 48), labelled=2).image.astype(np.float64)
+    img = (img - img.min()) / (img.max() - img.min()) * scale
+    return img.astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _image(np.int16, 1148), "distinct values, far more than the classes"),  # the 1,149-class run
+        (lambda: _image(np.uint8, 255), "distinct values"),  # an 8-bit image: fewer than 256 values
+        (lambda: _image(np.uint8, 60), "change from voxel to voxel"),  # a dim 8-bit image: ~60 values
+        (lambda: _image(np.int16, 3000) - 1000, ">= 0"),  # CT-like, negative values
+        (lambda: _image(np.float32, 1.0), "not whole"),  # a float image
+        (lambda: _image(np.float32, 1148).round(), "integer dtype"),  # a float image of whole numbers
+    ],
+)
+def test_labels_that_look_like_an_image_ask_whether_they_were_swapped(make, message):
+    labels = make()
+    with pytest.raises(InputError, match=f"{message}.*did you swap IMAGE and LABELS\\?$"):
+        validate_labels(labels, labels.shape)
+
+
+def _blocks(n_classes: int, shape=(8, 48, 48), block=4) -> np.ndarray:
+    """Dense labels of ``n_classes`` classes in ``block``-sided squares (an atlas-like map)."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, n_classes, size=(shape[0], shape[1] // block, shape[2] // block))
+    coarse.flat[:n_classes] = np.arange(n_classes)  # every class present
+    return np.kron(coarse, np.ones((1, block, block), np.int64)).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _blocks(2),
+        lambda: _blocks(120),  # a whole-body CT atlas: ~120 classes, dense, every slice
+        lambda: _blocks(255),  # as many classes as allowed, in small squares
+        lambda: np.where(np.arange(8)[:, None, None] % 4 == 0, _blocks(40), 0),  # sparse, 40 classes
+        lambda: _blocks(3).astype(np.int64),
+        lambda: (_blocks(2) > 0),  # bool
+    ],
+)
+def test_legitimate_multiclass_labels_are_accepted(make):
+    labels = make()
+    out = validate_labels(labels, labels.shape)
+    assert out.shape == labels.shape
+
+
+def test_label_values_must_fit_a_uint16_mask():
+    lab = np.zeros((3, 4, 4), np.int32)
+    lab[1, 1, 1] = 70000
+    with pytest.raises(InputError, match=r"class ids 0\.\.65535, got 70000"):
+        validate_labels(lab, lab.shape)
+
+
 def _labels(painted_slices, n=6):
     lab = np.zeros((n, 4, 4), np.uint8)
     for i in painted_slices:
@@ -120,7 +178,7 @@ def test_weak_csv_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("a,b\n1,0\n", "columns"),
+        ("a,b\n1,0\n", "not a weak-tag file: expected a CSV with the header 'slice,diseased'"),
         ("slice,diseased\n9,1\n", "out of range"),
         ("slice,diseased\n1,2\n", "0 or 1"),
         ("slice,diseased\nx,1\n", "bad row"),
@@ -131,6 +189,24 @@ def test_weak_csv_errors(tmp_path, text, message):
     p.write_text(text)
     with pytest.raises(InputError, match=message):
         read_weak_csv(p, 5)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x80\x81", "not a text file"),  # an image, say
+        (b"II*\x00\x08\x00\x00\x00\x80\xff", "not a text file"),  # a TIFF
+        (b"slice;diseased\n1;0\n", "not a weak-tag file"),  # another separator
+    ],
+)
+def test_weak_csv_that_is_not_csv_names_the_file_and_the_format(tmp_path, content, message):
+    p = tmp_path / "tags.bin"
+    p.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        read_weak_csv(p, 5)
+    text = str(err.value)
+    assert message in text and str(p) in text and "'slice,diseased'" in text
+    assert "codec" not in text and "\n" not in text
 
 
 def test_weak_csv_missing_file(tmp_path):

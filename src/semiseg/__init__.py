@@ -12,6 +12,11 @@ True
 
 __version__ = "0.1.0"
 
+# First, before any module loads torch: idle OpenMP threads sleep instead of spinning, so a
+# busy machine does not slow training far beyond a fair share (semiseg.threads, issue 20).
+from . import _torchload  # noqa: F401
+
+# isort: split
 from . import planes  # noqa: F401 - annotated (axis, index) planes: semiseg.planes.read_planes_csv, ...
 from .data import DISEASED, HEALTHY, UNKNOWN, Normaliser, make_pools, read_weak_csv
 from .engine import TrainConfig, iter_train, train

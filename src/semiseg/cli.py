@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +19,52 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show: flags,
+    empty repeatable options and options without a default (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: Where ``semiseg demo`` writes without a folder argument (relative to the working directory).
+DEMO_DIR = "demo-output"
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="registered method (see `semiseg methods`; default supervised, "
+    from .engine import TrainConfig
+
+    p.add_argument("--method", help="registered method (see `semiseg methods`; default: supervised, "
                                     "or the model's with --continue-from)")
-    p.add_argument("--weak", metavar="WEAK.csv", help="per-slice weak tags: CSV with columns slice,diseased")
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
-    p.add_argument("--minutes", type=float, help="wall-clock budget; stops at steps or minutes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, help="side of square training crops and prediction windows; default: "
-                   "the continued model's, else the slice's smaller side up to 160 (96 for 3D methods)")
+    p.add_argument(
+        "--weak", metavar="WEAK.csv",
+        help="per-slice weak tags: CSV with the header slice,diseased (1 diseased, 0 healthy); "
+             "healthy-tagged slices count as annotated (all background)",
+    )
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps")
+    p.add_argument(
+        "--minutes", type=float,
+        help="wall-clock budget: training stops at --steps or --minutes, whichever comes first "
+             "(default: no time limit)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="training crops per step")
+    p.add_argument("--crop", type=int, help="side of the square training crops and prediction windows, in pixels "
+                   "(default: the continued model's, else the slice's smaller side up to 160, 96 for 3D methods)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis of (Z, Y, X)")
     p.add_argument(
         "--context", type=int, metavar="N",
-        help="neighbouring slices on each side fed as extra channels (2.5D); "
-             "default: the continued model's, else TrainConfig's",
+        help="neighbouring slices on each side fed as extra channels (2.5D) "
+             f"(default: the continued model's, else {TrainConfig.context})",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: CUDA, else MPS, else the CPU")
+    p.add_argument("--seed", type=int, default=0, help="random seed (crops, augmentation, initial weights)")
     p.add_argument(
         "--anneal", type=float, metavar="SHARE",
         help="share of the run, at its end, over which the learning rate falls to 0 "
-             "(0 keeps it constant; default: TrainConfig's)",
+             f"(0 keeps it constant) (default: {TrainConfig.anneal})",
     )
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -64,23 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-semiseg {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("sample", help="write a synthetic sample volume")
-    p.add_argument("out_dir")
-    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"))
-    p.add_argument("--seed", type=int, default=0)
+    def verb(name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}".strip(),
+                              formatter_class=_HelpFormatter)
+
+    p = verb("sample", "write a synthetic sample volume",
+             "Writes image.tif, labels.tif (K annotated slices), truth.tif and weak.csv into OUT_DIR.")
+    p.add_argument("out_dir", help="folder to write into (created if missing)")
+    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"), help="which sample")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample")
     p.add_argument("--labelled", type=int, default=5, help="annotated slices K")
 
-    p = sub.add_parser("train", help="train a model on an image and sparse labels")
-    p.add_argument("image")
-    p.add_argument("labels")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL")
+    p = verb(
+        "train", "train a model on an image and sparse labels",
+        "The labels mark a few painted slices (1..K classes, 0 background); MODEL gets the "
+        "trained model and MODEL.runs a copy of every run (see `semiseg runs`).",
+    )
+    p.add_argument("image", help="image volume (Z, Y, X) or (C, Z, Y, X): .tif/.tiff, .zarr or .npy")
+    p.add_argument(
+        "labels",
+        help="labels of the image's (Z, Y, X) shape, integer classes 1..K painted on a few slices, "
+             "0 elsewhere: .tif/.tiff, .zarr or .npy",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="MODEL",
+                   help="model file to write (.pt); an existing one is replaced only on success")
     p.add_argument("--continue-from", metavar="MODEL", help="continue training this model (its own method)")
     p.add_argument(
         "--init-from", metavar="MODEL",
         help="start a new --method model from this model's segmentation weights (a warm start: "
              "refine a supervised model with a semi-supervised method)",
     )
-    p.add_argument("--runs-dir", metavar="DIR", help="where to keep each run's model (default MODEL.runs)")
+    p.add_argument("--runs-dir", metavar="DIR", help="where to keep each run's model (default: MODEL.runs)")
     p.add_argument("--no-runs", action="store_true", help="do not keep a snapshot of this run")
     p.add_argument(
         "--planes", metavar="PLANES.csv",
@@ -90,56 +128,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_options(p)
 
-    p = sub.add_parser("predict", help="predict a mask with a trained model")
-    p.add_argument("model")
-    p.add_argument("image")
+    p = verb("predict", "predict a mask with a trained model")
+    p.add_argument("model", help="model file (.pt) from `semiseg train`")
+    p.add_argument("image", help="image volume with the model's channels: .tif/.tiff, .zarr or .npy")
     p.add_argument("-o", "--output", required=True, metavar="MASK", help=".tif/.tiff/.zarr/.npy")
     p.add_argument("--prob", metavar="PATH", help="also write class probabilities (K, Z, Y, X)")
     p.add_argument("--residual", metavar="PATH", help="residual image (translation methods)")
     p.add_argument("--healthy", metavar="PATH", help="healthy translation (translation methods)")
     p.add_argument("--tumours", metavar="PATH", help="sampled tumours (K, Z, Y, X)")
     p.add_argument("--n-samples", type=int, default=3, help="samples per slice for --tumours")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="slices (or windows) per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: CUDA, else MPS, else the CPU")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --tumours")
     p.add_argument(
         "--scheduler", metavar="ADDRESS",
         help="dask scheduler for chunked zarr prediction: a dask.distributed address "
         "(tcp://HOST:8786), 'threads' (default) or 'synchronous'",
     )
 
-    p = sub.add_parser("evaluate", help="per-class Dice of a prediction against the truth")
-    p.add_argument("pred")
-    p.add_argument("truth")
+    p = verb("evaluate", "per-class Dice of a prediction against the truth")
+    p.add_argument("pred", help="predicted mask")
+    p.add_argument("truth", help="true labels of the same shape")
     p.add_argument("--ignore-slices-of", metavar="LABELS", help="leave out slices annotated here")
 
-    p = sub.add_parser("runs", help="list the stored training runs of a model")
-    p.add_argument("model")
-    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default MODEL.runs)")
+    p = verb("runs", "list the stored training runs of a model")
+    p.add_argument("model", help="model file (.pt)")
+    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default: MODEL.runs)")
 
-    p = sub.add_parser("rollback", help="restore a stored run onto the model file")
-    p.add_argument("model")
+    p = verb("rollback", "restore a stored run onto the model file")
+    p.add_argument("model", help="model file (.pt)")
     p.add_argument("run_id", help="run id, a unique prefix, 'latest' or -N (N-th last)")
-    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default MODEL.runs)")
+    p.add_argument("--runs-dir", metavar="DIR", help="runs folder (default: MODEL.runs)")
 
-    p = sub.add_parser("suggest", help="which unannotated slices to label next, best first")
-    p.add_argument("model")
-    p.add_argument("image")
-    p.add_argument("labels")
-    p.add_argument("-n", type=int, default=3, help="number of suggestions (default 3)")
+    p = verb("suggest", "which unannotated slices to label next, best first")
+    p.add_argument("model", help="model file (.pt)")
+    p.add_argument("image", help="image volume")
+    p.add_argument("labels", help="labels (the slices holding labels are annotated)")
+    p.add_argument("-n", type=int, default=3, help="number of suggestions")
     p.add_argument("--weak", metavar="WEAK.csv", help="weak tags; slices tagged healthy count as annotated")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips/rotations, 8x slower)")
     p.add_argument("--spacing", type=float, default=2.0, help="diversity length scale in slices (0: off)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: CUDA, else MPS, else the CPU")
 
-    p = sub.add_parser("methods", help="list the training methods")
+    p = verb("methods", "list the training methods")
     p.add_argument("--params", action="store_true", help="also list each method's hyperparameters")
 
-    p = sub.add_parser("demo", help="sample, train, predict and evaluate on the bundled phantom")
-    p.add_argument("out_dir", nargs="?", default=None)
-    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"))
-    p.add_argument("--labelled", type=int, default=5)
+    p = verb(
+        "demo", "sample, train, predict and evaluate on the bundled phantom",
+        "Prints the Dice on the unannotated slices and writes the sample, mask.tif and model.pt "
+        "into OUT_DIR.",
+    )
+    p.add_argument("out_dir", nargs="?", default=DEMO_DIR, help="folder to write into (created if missing)")
+    p.add_argument("--kind", default="phantom", choices=("phantom", "nuclei", "digits"), help="which sample")
+    p.add_argument("--labelled", type=int, default=5, help="annotated slices K")
     _add_train_options(p)
     p.set_defaults(steps=400, minutes=4.0)
     return parser
@@ -337,7 +381,8 @@ def cmd_train(args) -> int:
     kept = "" if args.no_runs else f"; run {save_run(model, out, runs_dir, copy_of=out).run_id} kept in {runs_dir}"
     h = model.history[-1]
     losses = ", ".join(f"{k} {v:.4f}" for k, v in h["losses"].items())
-    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s ({losses}); saved {out}{kept}")
+    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s ({losses}){_cap_note(h)}; "
+          f"saved {out}{kept}")
     return 0
 
 
@@ -494,39 +539,44 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _cap_note(h: dict) -> str:
+    """``"; the 4-minute cap (--minutes 4) ended training after 96 of 400 steps"`` when the time
+    budget, not the step count, ended the run recorded in ``h`` (a history entry), else ``""``."""
+    planned, minutes = h["config"]["steps"], h["config"].get("minutes")
+    if minutes is None or h["steps"] >= planned:
+        return ""
+    return (f"; the {minutes:g}-minute cap (--minutes {minutes:g}) ended training after "
+            f"{h['steps']} of {planned} steps")
+
+
 def cmd_demo(args) -> int:
     from .data import write_weak_csv
     from .io import write_volumes
     from .metrics import dice_per_class
     from .synthetic import make_sample
 
-    tmp = None
-    if args.out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="semiseg-demo-")
-        out = Path(tmp.name)
-    else:
-        out = Path(args.out_dir)
-        _check_folder(out)
-        out.mkdir(exist_ok=True)
-    try:
-        s = make_sample(args.kind, seed=args.seed, labelled=args.labelled)
-        print(f"sample: {args.kind} {s.image.shape}, {len(s.annotated)} annotated slices {s.annotated.tolist()}")
-        model = _train(s.image, s.labels, s.tags, args)
-        res = _predict(model, s.image, batch_size=8)
-        write_volumes(
-            [(out / n, a) for n, a in (("image.tif", s.image), ("labels.tif", s.labels),
-                                       ("truth.tif", s.truth), ("mask.tif", res["mask"]))]
-        )
-        write_weak_csv(out / "weak.csv", s.tags)
-        model.save(out / "model.pt")
-        scores = dice_per_class(res["mask"], s.truth, classes=[1], exclude_slices=s.annotated)
-        h = model.history[-1]
-        print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s on {h['device']}")
-        print(f"dice on unannotated slices: {scores[1]:.4f}")
-        print(f"wrote {out / 'mask.tif'} and {out / 'model.pt'}")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} exists and is not a folder")
+    _check_folder(out)
+    s = make_sample(args.kind, seed=args.seed, labelled=args.labelled)
+    print(f"sample: {args.kind} {s.image.shape}, {len(s.annotated)} annotated slices {s.annotated.tolist()}")
+    model = _train(s.image, s.labels, s.tags, args)
+    res = _predict(model, s.image, batch_size=8)
+    out.mkdir(exist_ok=True)
+    write_volumes(
+        [(out / n, a) for n, a in (("image.tif", s.image), ("labels.tif", s.labels),
+                                   ("truth.tif", s.truth), ("mask.tif", res["mask"]))]
+    )
+    write_weak_csv(out / "weak.csv", s.tags)
+    model.save(out / "model.pt")
+    scores = dice_per_class(res["mask"], s.truth, classes=[1], exclude_slices=s.annotated)
+    h = model.history[-1]
+    print(f"trained {h['method']} for {h['steps']} steps in {h['seconds']:.1f} s on {h['device']}{_cap_note(h)}")
+    if _cap_note(h):
+        print("  (a busy machine: fewer steps, a lower Dice; README.md gives the expected figures)")
+    print(f"dice on unannotated slices: {scores[1]:.4f}")
+    print(f"wrote {out / 'mask.tif'}, {out / 'model.pt'} and the sample")
     return 0
 
 
@@ -534,7 +584,7 @@ def cmd_suggest(args) -> int:
     from .data import as_channels, validate_labels
     from .model import Model
     from .progress import run
-    from .suggest import format_suggestions, iter_uncertainty, suggest_slices
+    from .suggest import iter_uncertainty, suggest_slices
 
     if args.n < 1:
         raise CLIError("-n must be >= 1")
@@ -552,8 +602,18 @@ def cmd_suggest(args) -> int:
     if not found:
         print("every slice is annotated: nothing to suggest", file=sys.stderr)
         return 0
-    print(format_suggestions(found))
+    print(_suggestion_table(found, model.axis))
     return 0
+
+
+def _suggestion_table(found, axis: int) -> str:
+    """The suggestions under a header: slice index, score relative to the best, score, mass
+    (:class:`semiseg.suggest.Suggestion`)."""
+    best = found[0].score or 1.0
+    rows = [f"{'slice':>5s}  {'relative':>8s}  {'score':>10s}  {'mass':>10s}   "
+            f"(slices along axis {axis}, best first; relative = score / best score)"]
+    rows += [f"{s.index:5d}  {s.score / best:8.2f}  {s.score:10.4g}  {s.mass:10.4g}" for s in found]
+    return "\n".join(rows)
 
 
 COMMANDS = {
@@ -572,8 +632,10 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 training fault, 2 bad input)."""
     from .errors import InputError, PredictionError, TrainingError
+    from .threads import configure_threads
 
     args = build_parser().parse_args(argv)
+    configure_threads()  # threads no more than the CPUs this process may use (semiseg.threads)
     try:
         return COMMANDS[args.verb](args)
     except (CLIError, InputError) as exc:

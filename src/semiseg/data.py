@@ -96,6 +96,51 @@ def as_channels(image, *, channel_axis: int | None = None):
     raise InputError(f"image must be 3D (Z, Y, X) or 4D (C, Z, Y, X), got shape {shape}")
 
 
+#: Distinct nonzero label values beyond which a "labels" volume is taken for an image: a labels
+#: layer holds a few classes (a whole-body CT atlas about 120), an image hundreds of intensities.
+MAX_LABEL_VALUES = 255
+#: Label values must fit the uint16 masks that predictions are written as.
+MAX_CLASS_ID = 65535
+_SWAP_HINT = ": did you swap IMAGE and LABELS?"
+
+
+def _label_sample(arr: np.ndarray, n_slices: int = 8) -> np.ndarray:
+    """Up to ``n_slices`` whole slices along axis 0, evenly spaced: enough to tell an image from
+    labels in bounded time, with neighbouring voxels kept together."""
+    idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(n_slices, arr.shape[0])).round().astype(int))
+    return np.asarray(arr[idx])
+
+
+def looks_like_image(arr: np.ndarray) -> bool:
+    """Whether a would-be labels volume is an intensity image (image and labels swapped).
+
+    Labels are piecewise constant with a few values; an image has many values that change from
+    one voxel to the next. On :func:`_label_sample`: more than :data:`MAX_LABEL_VALUES` distinct
+    nonzero values, or more than 16 of them with most horizontally neighbouring nonzero voxels
+    differing (labels differ only at boundaries, a few percent of them).
+
+    Parameters
+    ----------
+    arr : (Z, Y, X) ndarray
+        Any numeric dtype.
+    """
+    if arr.ndim != 3 or arr.size == 0:
+        return False
+    n, changing = _label_values(arr)
+    return n > MAX_LABEL_VALUES or (n > 16 and changing > 0.5)
+
+
+def _label_values(arr: np.ndarray) -> tuple[int, float]:
+    """Distinct nonzero values on :func:`_label_sample` and the share of horizontally
+    neighbouring nonzero voxel pairs that differ."""
+    a = _label_sample(arr)
+    n = int(np.unique(a[a != 0]).size)
+    left, right = a[..., :-1], a[..., 1:]
+    both = (left != 0) & (right != 0)
+    pairs = int(both.sum())
+    return n, (float((left[both] != right[both]).sum()) / pairs if pairs else 0.0)
+
+
 def validate_labels(labels, spatial_shape: tuple[int, ...]) -> np.ndarray:
     """Check and return labels as an in-memory integer array of the image's spatial shape.
 
@@ -113,21 +158,35 @@ def validate_labels(labels, spatial_shape: tuple[int, ...]) -> np.ndarray:
     Raises
     ------
     InputError
-        On a float or negative label array or a shape that differs from the image.
+        On a float or negative label array, values above :data:`MAX_CLASS_ID`, a shape that
+        differs from the image, or labels that look like an image (:func:`looks_like_image`:
+        "did you swap IMAGE and LABELS?").
     """
     arr = np.asarray(labels)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise InputError("labels must be integers; got float values that are not whole")
-        raise InputError(f"labels must have an integer dtype, got {arr.dtype}")
     if arr.dtype.kind == "b":
         arr = arr.view(np.uint8)
-    if arr.dtype.kind not in "ui":
+    if arr.dtype.kind not in "uif":
         raise InputError(f"labels must have an integer dtype, got {arr.dtype}")
     if arr.shape != tuple(spatial_shape):
         raise InputError(f"labels shape {arr.shape} does not match image shape {tuple(spatial_shape)}")
+    swapped = looks_like_image(arr)
+    hint = _SWAP_HINT if swapped else ""
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise InputError(f"labels must be integers; got float values that are not whole{hint}")
+        raise InputError(f"labels must have an integer dtype, got {arr.dtype}{hint}")
     if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise InputError("labels must be >= 0 (0 = background, 1..K = classes)")
+        raise InputError(f"labels must be >= 0 (0 = background, 1..K = classes){hint}")
+    if swapped:
+        n, _ = _label_values(arr)
+        if n > MAX_LABEL_VALUES:
+            raise InputError(
+                f"labels hold at least {n} distinct values, far more than the classes of a labels volume "
+                f"(at most {MAX_LABEL_VALUES}){_SWAP_HINT}"
+            )
+        raise InputError(f"labels hold {n} distinct values that change from voxel to voxel, like an image's{_SWAP_HINT}")
+    if arr.size and int(arr.max()) > MAX_CLASS_ID:
+        raise InputError(f"label values must be class ids 0..{MAX_CLASS_ID}, got {int(arr.max())}")
     return arr
 
 
@@ -202,35 +261,59 @@ def stack_context(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- weak tags
+#: What a weak-tag file holds, for error messages.
+WEAK_CSV_FORMAT = (
+    "a CSV with the header 'slice,diseased' and one row 'slice,diseased' per tagged slice "
+    "(diseased 1, healthy 0)"
+)
+
+
 def read_weak_csv(path: str | Path, n_slices: int) -> np.ndarray:
     """Read per-slice weak tags from a CSV with columns ``slice,diseased`` (0/1).
 
     Slices missing from the file are ``UNKNOWN`` (-1).
 
+    Returns
+    -------
+    (n_slices,) int8 ndarray
+        -1 unknown, 0 healthy, 1 diseased.
+
     Raises
     ------
     InputError
-        When the file lacks the columns, holds values other than 0/1, or slice indices out of
-        range.
+        When the file cannot be read, is not such a CSV (a binary file, another table), holds
+        values other than 0/1 or slice indices out of range: one line naming the file and, where
+        the format is wrong, the expected one.
     """
     tags = np.full(n_slices, UNKNOWN, dtype=np.int8)
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"slice", "diseased"} <= set(reader.fieldnames):
-                raise InputError(f"{path}: weak-tag CSV needs the columns 'slice,diseased'")
+            fields = [f.strip() for f in reader.fieldnames or []]
+            if not {"slice", "diseased"} <= set(fields):
+                raise InputError(f"{path}: not a weak-tag file: expected {WEAK_CSV_FORMAT}")
+            reader.fieldnames = fields
             for row in reader:
+                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                    continue  # blank line
                 try:
                     idx, val = int(row["slice"]), int(row["diseased"])
                 except (TypeError, ValueError):
-                    raise InputError(f"{path}: bad row {row}") from None
+                    raise InputError(
+                        f"{path}: line {reader.line_num}: bad row {row['slice']},{row['diseased']}; "
+                        f"expected {WEAK_CSV_FORMAT}"
+                    ) from None
                 if not 0 <= idx < n_slices:
                     raise InputError(f"{path}: slice {idx} out of range 0..{n_slices - 1}")
                 if val not in (0, 1):
                     raise InputError(f"{path}: 'diseased' must be 0 or 1, got {val}")
                 tags[idx] = val
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file; expected {WEAK_CSV_FORMAT}") from None
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a weak-tag file ({exc}); expected {WEAK_CSV_FORMAT}") from None
     except OSError as exc:
-        raise InputError(f"cannot read weak tags: {exc}") from None
+        raise InputError(f"cannot read weak tags {path}: {exc.strerror or exc}") from None
     return tags
 
 

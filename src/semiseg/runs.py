@@ -50,7 +50,7 @@ class RunInfo:
     steps : int
         Steps of the run's last training session.
     annotated_slices : int
-        Label budget: annotated slices the run saw.
+        Label budget: annotated slices the run saw (painted and healthy-tagged ones).
     losses : dict
         Final smoothed losses.
     history : list of dict
@@ -64,12 +64,20 @@ class RunInfo:
     annotated_slices: int
     losses: dict
     history: list
+    #: Of ``annotated_slices``, those tagged healthy (annotated as all background, not painted).
+    healthy_tagged: int = 0
+
+    @property
+    def painted_slices(self) -> int:
+        """Annotated slices the user painted (or listed as planes): not the healthy-tagged."""
+        return self.annotated_slices - self.healthy_tagged
 
     def describe(self) -> str:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items())
+        healthy = f", {self.healthy_tagged} healthy-tagged" if self.healthy_tagged else ""
         return (
             f"{self.run_id}  {self.method}  {self.steps} steps  "
-            f"{self.annotated_slices} annotated slices  {losses}"
+            f"{self.painted_slices} painted slices{healthy}  {losses}"
         ).rstrip()
 
 
@@ -183,6 +191,7 @@ def _info(path: Path, cfg: dict) -> RunInfo:
         annotated_slices=len(last.get("annotated_slices", [])),
         losses=dict(last.get("losses", {})),
         history=history,
+        healthy_tagged=int(last.get("tagged_healthy", 0)),
     )
 
 
