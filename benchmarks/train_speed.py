@@ -43,7 +43,6 @@ import numpy as np
 
 # torch is imported inside the functions, after semiseg where it matters: ``--compete``'s
 # children must let ``import semiseg`` load torch (the OpenMP wait policy is read then).
-
 # Same --param syntax as the other harnesses (the script folder is on sys.path).
 from annotation_efficiency import parse_params
 
