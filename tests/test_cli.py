@@ -212,7 +212,9 @@ def test_train_help_describes_the_verb_its_arguments_and_every_default():
     assert entries["image"].startswith("image volume (Z, Y, X)")
     assert entries["labels"].startswith("labels of the image's (Z, Y, X) shape")
     assert "model file to write" in entries["-o"]
-    for option, default in (("--crop", "96"), ("--batch-size", "8"), ("--steps", "300"),
+    assert entries["--crop"].endswith("(default: the continued model's, else the slice's smaller side up to 160, "
+                                      "96 for 3D methods)")
+    for option, default in (("--batch-size", "8"), ("--steps", "300"),
                             ("--anneal", "0.0"), ("--seed", "0"), ("--device", "auto")):
         assert entries[option].endswith(f"(default: {default})"), entries[option]
     # Every argument has a help text, and every option with a default shows it.

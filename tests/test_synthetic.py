@@ -95,7 +95,7 @@ def test_nuclei_are_seeded_scan_like_and_tagged_from_the_truth():
     assert a.image.shape == a.truth.shape == (12, 64, 72)
     assert a.image.dtype == np.uint16 and a.truth.dtype == np.uint8
     assert set(np.unique(a.truth)) == {0, 1}
-    has = a.truth.reshape(16, -1).any(1)
+    has = a.truth.reshape(12, -1).any(1)
     assert has.any() and not has[0] and not has[-1]  # the cell layer leaves top and bottom empty
     np.testing.assert_array_equal(a.tags, np.where(has, DISEASED, HEALTHY))
     assert len(a.annotated) == 3 and has[a.annotated].all()
