@@ -154,19 +154,24 @@ def test_lr_factor(done, anneal, expected):
     assert lr_factor(done, anneal) == pytest.approx(expected, abs=1e-12)
 
 
-def _spy_learning_rate(monkeypatch):
-    """Record the first optimiser's learning rate before every supervised step."""
+def _spy_before_each_step(monkeypatch, read):
+    """Record ``read(method)`` before every supervised step."""
     from semiseg.methods.supervised import Supervised
 
     seen = []
     original = Supervised.training_step
 
     def spy(self, batch):
-        seen.append(next(iter(self.opts.values())).param_groups[0]["lr"])
+        seen.append(read(self))
         return original(self, batch)
 
     monkeypatch.setattr(Supervised, "training_step", spy)
     return seen
+
+
+def _spy_learning_rate(monkeypatch):
+    """The first optimiser's learning rate before every supervised step."""
+    return _spy_before_each_step(monkeypatch, lambda m: next(iter(m.opts.values())).param_groups[0]["lr"])
 
 
 def test_anneal_lowers_learning_rate_each_step_then_restores_it(tiny_phantom, monkeypatch):
@@ -228,17 +233,8 @@ def test_bad_anneal_rejected():
 
 
 def _spy_progress(monkeypatch):
-    from semiseg.methods.supervised import Supervised
-
-    seen = []
-    original = Supervised.training_step
-
-    def spy(self, batch):
-        seen.append(self.progress)
-        return original(self, batch)
-
-    monkeypatch.setattr(Supervised, "training_step", spy)
-    return seen
+    """``Method.progress`` before every supervised step."""
+    return _spy_before_each_step(monkeypatch, lambda m: m.progress)
 
 
 def test_method_progress_follows_a_step_budget(tiny_phantom, monkeypatch):
