@@ -205,6 +205,27 @@ def test_self_training_honours_slice_context(tiny_phantom):
 def test_self_training_bad_threshold():
     with pytest.raises(ValueError, match="threshold"):
         make("self-training", threshold=0.0)
+    with pytest.raises(ValueError, match="class_balance"):
+        make("self-training", class_balance=1.5)
+
+
+def test_class_balance_keeps_the_most_confident_share_of_each_class():
+    # 10 pixels: 8 background (all confident), 2 foreground (0.6 and 0.7, below the threshold)
+    conf = torch.tensor([[[0.99] * 8 + [0.6, 0.7]]])
+    labels = torch.tensor([[[0] * 8 + [1, 1]]])
+    plain = make("self-training", threshold=0.9).confident(conf, labels)
+    assert plain.tolist() == [[[True] * 8 + [False, False]]]  # FixMatch drops the rare class
+    balanced = make("self-training", threshold=0.9, class_balance=0.5).confident(conf, labels)
+    assert balanced.tolist() == [[[True] * 8 + [False, True]]]  # its more confident half is kept
+
+
+def test_class_balance_averages_the_pseudo_loss_per_class():
+    ce = torch.tensor([[[1.0] * 8 + [3.0, 3.0]]])
+    target = torch.tensor([[[0] * 8 + [1, 1]]])
+    chosen = torch.ones_like(target, dtype=torch.bool)
+    assert make("self-training").pseudo_loss(ce, target, chosen).item() == pytest.approx(1.4)  # 14 / 10
+    balanced = make("self-training", class_balance=0.5).pseudo_loss(ce, target, chosen)
+    assert balanced.item() == pytest.approx(2.0)  # (1 + 3) / 2: the two foreground pixels weigh half
 
 
 # ----------------------------------------------------------------------------- warm start

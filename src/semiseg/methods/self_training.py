@@ -44,6 +44,12 @@ class SelfTrainingParams(SupervisedParams):
     contrast, shift, noise_std : float
         Photometric perturbation of the strong view (:func:`semiseg.consistency.random_intensity`,
         normalised intensity units).
+    class_balance : float
+        Class-balanced self-training (CBST, Zou et al. 2018): besides the pixels above
+        ``threshold``, the most confident ``class_balance`` share of the pixels predicted as
+        each class become pseudo-labels, and the pseudo-label loss is averaged per class, so
+        a rare class (a tumour) weighs as much as the background instead of being drowned by
+        it. 0 is FixMatch's single threshold and pixel average.
     """
 
     pseudo_weight: float = 1.0
@@ -55,6 +61,7 @@ class SelfTrainingParams(SupervisedParams):
     contrast: float = 0.25
     shift: float = 0.25
     noise_std: float = 0.1
+    class_balance: float = 0.0
 
 
 @register_method
@@ -81,6 +88,8 @@ class SelfTraining(Supervised):
        for deep neural networks", ICML workshops 2013.
     .. [3] Y. Ouali, C. Hudelot, M. Tami, "Semi-supervised semantic segmentation with
        cross-consistency training", CVPR 2020 (perturbed views for segmentation).
+    .. [4] Y. Zou, Z. Yu, B. V. K. Vijaya Kumar, J. Wang, "Unsupervised domain adaptation for
+       semantic segmentation via class-balanced self-training", ECCV 2018 (``class_balance``).
     """
 
     name = "self-training"
@@ -95,6 +104,8 @@ class SelfTraining(Supervised):
             raise ValueError("pseudo_weight, contrast, shift and noise_std must be >= 0")
         if not 0 < p.threshold <= 1:
             raise ValueError("threshold must lie in (0, 1]")
+        if not 0 <= p.class_balance <= 1:
+            raise ValueError("class_balance is a share of each class's pixels: it must lie in [0, 1]")
         check_shares(warmup=p.warmup, rampup=p.rampup)
         unlabelled_count(1, p.unlabelled_ratio)
         super().build()
@@ -110,7 +121,30 @@ class SelfTraining(Supervised):
         with torch.no_grad(), self.autocast():
             probs = torch.softmax(self.nets["seg"](x_u).float(), 1)
         conf, labels = probs.max(1)
-        return labels, conf >= self.params.threshold
+        return labels, self.confident(conf, labels)
+
+    def confident(self, conf: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Which pixels become pseudo-labels, from the top probability ``conf`` and the
+        predicted class ``labels`` (both ``(N, H, W)``): those at ``threshold`` and, with
+        ``class_balance``, the most confident share of each predicted class."""
+        p = self.params
+        chosen = conf >= p.threshold
+        if p.class_balance > 0:
+            for c in torch.unique(labels).tolist():
+                of_c = conf[labels == c]
+                k = max(1, round(p.class_balance * of_c.numel()))
+                tau_c = torch.topk(of_c, k, sorted=False).values.min()
+                chosen |= (labels == c) & (conf >= tau_c)
+        return chosen
+
+    def pseudo_loss(self, ce: torch.Tensor, target: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
+        """The pseudo-label term from the per-pixel cross-entropy ``ce`` ``(N, H, W)``: averaged
+        over every unannotated pixel (FixMatch), or, with ``class_balance``, over the pixels
+        predicted as each class, then over the classes (CBST)."""
+        if self.params.class_balance <= 0:
+            return (ce * confident).mean()
+        per_class = [(ce * confident)[target == c].mean() for c in torch.unique(target).tolist()]
+        return torch.stack(per_class).mean()
 
     def strong_view(self, x_u: torch.Tensor):
         """The strong view of ``x_u`` and the spatial transform to undo on its prediction
@@ -142,8 +176,9 @@ class SelfTraining(Supervised):
             logits_s = tf.invert(logits_s)
         terms = self.supervised_loss(logits_l, batch["mask"])
         ce = F.cross_entropy(logits_s.float(), target, reduction="none")
-        # FixMatch's normalisation: over every unannotated pixel, confident or not.
-        terms["pseudo"] = (ce * confident).mean()
+        # FixMatch's normalisation: over every unannotated pixel, confident or not (per class
+        # with class_balance).
+        terms["pseudo"] = self.pseudo_loss(ce, target, confident)
         loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + ramp * p.pseudo_weight * terms["pseudo"]
         self.optimise(loss, self.opts["seg"])
         self.confident_share = float(confident.float().mean())
