@@ -3,7 +3,7 @@
 Run under a display, e.g.::
 
     LIBGL_ALWAYS_SOFTWARE=1 xvfb-run -a -s "-screen 0 1600x1000x24" \\
-        python docs/make_screenshots.py --steps 300 --translation-steps 150
+        python docs/make_screenshots.py --steps 300 --translation-steps 500
 
 It opens the phantom sample, tags slices, trains ``supervised`` through the Train widget and
 shoots the prediction; then, when the ``translation`` method is registered, trains it and
@@ -51,7 +51,8 @@ def _train(app, w, method, steps, params=None, scratch=True):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300, help="supervised steps (the widget's default)")
-    ap.add_argument("--translation-steps", type=int, default=150)
+    ap.add_argument("--translation-steps", type=int, default=500,
+                    help="translation steps at its CPU defaults (about 5 CPU-minutes on a 128² slice)")
     ap.add_argument("--backend", default="process")
     args = ap.parse_args(argv)
     # The widget lists every run kept in the runs folder; a fresh one shows only this script's.
@@ -96,10 +97,7 @@ def main(argv=None):
     if "translation" not in list_methods():
         print("translation is not registered: residual/sample screenshots skipped")
         return 0
-    _train(
-        app, w, "translation", args.translation_steps,
-        {"features": (16, 32, 64), "unique_channels": 16, "disc_features": (16, 32), "disc_scales": 2},
-    )
+    _train(app, w, "translation", args.translation_steps)  # the method's CPU defaults
     for name in ("prediction", "probability", "healthy", "uncertainty"):
         if f"phantom {name}" in viewer.layers:
             viewer.layers[f"phantom {name}"].visible = False

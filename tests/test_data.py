@@ -270,3 +270,21 @@ def test_sampler_is_seeded():
     b = s.sample(np.random.default_rng(5), {"labelled": 3, "unlabelled": 3})
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_sampler_flags_unannotated_crops_of_diseased_tagged_slices():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 8, 16, 16)).astype(np.float32)
+    labels = np.zeros((8, 16, 16), np.uint8)
+    labels[0, 4:8, 4:8] = 1
+    tags = np.full(8, UNKNOWN)
+    tags[[5, 6]] = DISEASED  # unannotated slices 1..7: 5 and 6 hold a lesion somewhere
+    pools = make_pools(labels, tags)
+    s = SliceSampler(image, labels, pools, Normaliser.fit(image), crop=16, augment=False)
+    out = s.sample(np.random.default_rng(3), {"unlabelled": 64})
+    flags = out["unlabelled_diseased"]
+    assert flags.dtype == bool and flags.shape == (64,) and 0 < flags.sum() < 64
+    # a flagged crop is one of slices 5 or 6 (identified by its pixels, no augmentation)
+    diseased = [s.slice_image(i) for i in (5, 6)]
+    for crop, flag in zip(out["unlabelled"], flags):
+        assert flag == any(np.allclose(crop, d, atol=1e-5) for d in diseased)

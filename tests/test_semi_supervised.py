@@ -219,6 +219,31 @@ def test_class_balance_keeps_the_most_confident_share_of_each_class():
     assert balanced.tolist() == [[[True] * 8 + [False, True]]]  # its more confident half is kept
 
 
+def test_tag_loss_asks_a_diseased_crop_for_some_confident_foreground():
+    m = make("self-training", tag_weight=1.0, tag_share=0.1)
+    logits = torch.zeros(1, 2, 10, 10)
+    logits[:, 0] = 5.0  # background everywhere: the lesion the tag promises is missing
+    missing = m.tag_loss(logits).item()
+    logits[:, 0, :1, :] = -5.0  # one row (10 % of the pixels) confidently foreground
+    assert missing > 4.0 and m.tag_loss(logits).item() < 0.01
+
+
+def test_tag_term_trains_only_on_unannotated_crops_tagged_diseased():
+    m = make("self-training", warmup=0.0, rampup=0.0, tag_weight=1.0)
+    m.progress = 0.9
+    batch = tiny_batch()
+    assert "tag" not in m.training_step(batch)  # no tags: no term
+    batch["unlabelled_diseased"] = torch.tensor([False, False])
+    assert "tag" not in m.training_step(batch)
+    batch["unlabelled_diseased"] = torch.tensor([True, False])
+    assert m.training_step(batch)["tag"] > 0
+    off = make("self-training", warmup=0.0, rampup=0.0)
+    off.progress = 0.9
+    assert "tag" not in off.training_step(batch)  # tag_weight 0 by default
+    with pytest.raises(ValueError, match="tag_share"):
+        make("self-training", tag_share=0.0)
+
+
 def test_class_balance_averages_the_pseudo_loss_per_class():
     ce = torch.tensor([[[1.0] * 8 + [3.0, 3.0]]])
     target = torch.tensor([[[0] * 8 + [1, 1]]])

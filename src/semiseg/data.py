@@ -562,6 +562,8 @@ class Batch:
     diseased_mask : (B, H, W) int64 Tensor or None
         Labels of ``diseased`` (zeros where ``diseased_has_mask`` is False).
     diseased_has_mask : (B,) bool Tensor or None
+    unlabelled_diseased : (B,) bool Tensor or None
+        Which ``unlabelled`` crops come from slices tagged diseased.
     """
 
     labelled: object = None
@@ -571,6 +573,7 @@ class Batch:
     diseased: object = None
     diseased_mask: object = None
     diseased_has_mask: object = None
+    unlabelled_diseased: object = None
     extra: dict = field(default_factory=dict)
 
 
@@ -738,7 +741,9 @@ class SliceSampler:
             out["mask"] = np.concatenate([lab_a, lab_b])
         if n := needs.get("unlabelled", 0):
             pool = p.unlabelled if len(p.unlabelled) else np.arange(self.image.shape[self.axis + 1])
-            _, out["unlabelled"], _ = self.draw(rng, pool, n, False)
+            picks, out["unlabelled"], _ = self.draw(rng, pool, n, False)
+            # Weak tags of the unannotated crops' slices: a diseased one holds a lesion somewhere.
+            out["unlabelled_diseased"] = np.isin(picks, p.diseased)
         if (n := needs.get("healthy", 0)) and len(p.healthy):
             _, out["healthy"], _ = self.draw(rng, p.healthy, n, False)
         if (n := needs.get("diseased", 0)) and len(p.diseased):

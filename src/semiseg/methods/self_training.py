@@ -50,6 +50,14 @@ class SelfTrainingParams(SupervisedParams):
         each class become pseudo-labels, and the pseudo-label loss is averaged per class, so
         a rare class (a tumour) weighs as much as the background instead of being drowned by
         it. 0 is FixMatch's single threshold and pixel average.
+    tag_weight : float
+        Weight of a multiple-instance term on unannotated crops from slices *tagged diseased*
+        (weak tags): such a crop holds a lesion somewhere, so the mean foreground probability
+        of its ``tag_share`` most likely pixels should be high (``-log`` of it). It lets the
+        network find lesions no annotated slice showed, which pseudo-labels, drawn from the
+        network's own predictions, cannot. 0 switches it off.
+    tag_share : float
+        Share of a crop's pixels pooled by the multiple-instance term (top-k pooling).
     """
 
     pseudo_weight: float = 1.0
@@ -62,6 +70,8 @@ class SelfTrainingParams(SupervisedParams):
     shift: float = 0.25
     noise_std: float = 0.1
     class_balance: float = 0.0
+    tag_weight: float = 0.0
+    tag_share: float = 0.005
 
 
 @register_method
@@ -104,6 +114,8 @@ class SelfTraining(Supervised):
             raise ValueError("pseudo_weight, contrast, shift and noise_std must be >= 0")
         if not 0 < p.threshold <= 1:
             raise ValueError("threshold must lie in (0, 1]")
+        if p.tag_weight < 0 or not 0 < p.tag_share <= 1:
+            raise ValueError("tag_weight must be >= 0 and tag_share must lie in (0, 1]")
         if not 0 <= p.class_balance <= 1:
             raise ValueError("class_balance is a share of each class's pixels: it must lie in [0, 1]")
         check_shares(warmup=p.warmup, rampup=p.rampup)
@@ -146,6 +158,15 @@ class SelfTraining(Supervised):
         per_class = [(ce * confident)[target == c].mean() for c in torch.unique(target).tolist()]
         return torch.stack(per_class).mean()
 
+    def tag_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Multiple-instance loss of crops known to hold a lesion (``logits`` ``(N, K, H, W)``):
+        ``-log`` of the mean foreground probability (any class but 0) of each crop's
+        ``tag_share`` most likely pixels, averaged over the crops."""
+        fg = 1.0 - torch.softmax(logits.float(), 1)[:, 0].flatten(1)
+        k = max(1, round(self.params.tag_share * fg.shape[1]))
+        top = torch.topk(fg, k, dim=1).values.mean(1)
+        return -torch.log(top.clamp_min(1e-6)).mean()
+
     def strong_view(self, x_u: torch.Tensor):
         """The strong view of ``x_u`` and the spatial transform to undo on its prediction
         (``None`` without ``transforms``)."""
@@ -180,6 +201,10 @@ class SelfTraining(Supervised):
         # with class_balance).
         terms["pseudo"] = self.pseudo_loss(ce, target, confident)
         loss = p.dice_weight * terms["dice_loss"] + p.ce_weight * terms["ce"] + ramp * p.pseudo_weight * terms["pseudo"]
+        diseased = batch.get("unlabelled_diseased")
+        if p.tag_weight > 0 and diseased is not None and bool(diseased.any()):
+            terms["tag"] = self.tag_loss(logits_s[diseased.bool()])
+            loss = loss + ramp * p.tag_weight * terms["tag"]
         self.optimise(loss, self.opts["seg"])
         self.confident_share = float(confident.float().mean())
         return {k: v.item() for k, v in terms.items()}
