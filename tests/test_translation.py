@@ -185,7 +185,7 @@ def test_one_training_step_updates_both_players():
 
 
 def test_weights_are_normalised_like_the_paper():
-    w = make_method(w_seg=0.01)._weights()
+    w = make_method(w_seg=0.01, w_adv=3.0, w_sparse=0.0)._weights()
     assert sum(w.values()) == pytest.approx(1.0)
     assert w["rec"] / w["adv"] == pytest.approx(50 / 3)
     with pytest.raises(ValueError):
@@ -395,7 +395,7 @@ def test_paper_preset_keeps_the_paper_objective():
     from semiseg.methods.translation import Translation, TranslationParams
 
     paper = Translation.presets["paper"]
-    assert paper["w_sparse"] == 0.0 and paper["sparse_healthy"] is False
+    assert paper["w_sparse"] == 0.0 and paper["sparse_healthy"] is False and paper["w_adv"] == 3.0
     assert TranslationParams().w_sparse > 0  # the CPU default departs from the paper
     m = make_method(w_sparse=0.0, warmup=0.0)
     g = torch.Generator().manual_seed(0)
