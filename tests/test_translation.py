@@ -174,7 +174,7 @@ def test_one_training_step_updates_both_players():
     }
     before = {k: [p.detach().clone() for p in n.parameters()] for k, n in m.nets.items()}
     losses = m.training_step(batch)
-    assert set(losses) == {"seg", "rec", "lat", "cyc", "adv_g", "adv_d"}
+    assert set(losses) == {"seg", "rec", "lat", "cyc", "adv_g", "adv_d", "sparse"}
     assert all(math.isfinite(v) for v in losses.values())
     assert losses["seg"] > 0
     for k, n in m.nets.items():
@@ -185,7 +185,7 @@ def test_one_training_step_updates_both_players():
 
 
 def test_weights_are_normalised_like_the_paper():
-    w = make_method(w_seg=0.01)._weights()
+    w = make_method(w_seg=0.01, w_adv=3.0, w_sparse=0.0)._weights()
     assert sum(w.values()) == pytest.approx(1.0)
     assert w["rec"] / w["adv"] == pytest.approx(50 / 3)
     with pytest.raises(ValueError):
@@ -360,3 +360,71 @@ def test_sample_tumours_are_drawn_in_the_prediction_windows(monkeypatch):
     assert out.shape == (2, 40, 40) and np.isfinite(out).all()
     assert len(seen) > 1 and all(s == (16, 16) for s in seen)  # windows of the training crop
     assert np.array_equal(out, semiseg.sample_tumours(model, image, 1, 2, seed=3))
+
+
+# ---------------------------------------------------------------- residual locality (issue 19)
+def test_sparsity_loss_is_zero_inside_the_dilated_tumour_and_positive_outside():
+    m = make_method(w_sparse=10.0, sparse_margin=1)
+    tumour = torch.zeros(1, 12, 12)
+    tumour[0, 4:8, 4:8] = 1
+    res = torch.zeros(1, 1, 12, 12)
+    res[0, 0, 3:9, 3:9] = 5.0  # the tumour and its 1-pixel margin
+    assert m.sparsity_loss(res, tumour).item() == 0.0
+    res[0, 0, 0, 0] = -2.0  # far from the tumour
+    assert m.sparsity_loss(res, tumour).item() == pytest.approx(2.0 / 144)
+    # Without the margin the border pixels count too.
+    m0 = make_method(w_sparse=10.0, sparse_margin=0)
+    assert m0.sparsity_loss(res, tumour).item() == pytest.approx((2.0 + 5.0 * (36 - 16)) / 144)
+    # A probability map weights each pixel by 1 - p.
+    assert m0.sparsity_loss(torch.ones(1, 1, 4, 4), torch.full((1, 4, 4), 0.25)).item() == pytest.approx(0.75)
+
+
+def test_tumour_map_takes_painted_masks_on_annotated_crops_and_probabilities_elsewhere():
+    m = make_method(w_sparse=10.0)
+    mask = torch.zeros(2, 4, 4, dtype=torch.long)
+    mask[0, 1, 1] = 1
+    batch = {"diseased_mask": mask, "diseased_has_mask": torch.tensor([True, False])}
+    p = torch.full((2, 4, 4), 0.5)
+    t = m._tumour_map(batch, p)
+    assert torch.equal(t[0], (mask[0] > 0).float())
+    assert torch.equal(t[1], p[1])
+    assert m._tumour_map({}, p) is p
+
+
+def test_paper_preset_keeps_the_paper_objective():
+    from semiseg.methods.translation import Translation, TranslationParams
+
+    paper = Translation.presets["paper"]
+    assert paper["w_sparse"] == 0.0 and paper["sparse_healthy"] is False and paper["w_adv"] == 3.0
+    assert TranslationParams().w_sparse > 0  # the CPU default departs from the paper
+    m = make_method(w_sparse=0.0, warmup=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"healthy": torch.randn(2, 1, 16, 16, generator=g), "diseased": torch.randn(2, 1, 16, 16, generator=g)}
+    assert "sparse" not in m.training_step(batch)
+    assert "sparse" not in m._weights() or m._weights()["sparse"] == 0.0
+
+
+def test_sparsity_term_trains_the_residual_towards_zero_outside_the_tumour():
+    params = {"warmup": 0.0, "ramp": 0.0, "w_sparse": 1.0, "w_adv": 0.0, "w_rec": 0.0, "w_lat": 0.0, "w_cyc": 0.0,
+              "w_seg": 0.0, "lr": 1e-2, "sparse_healthy": True}
+    m = make_method(**params)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "healthy": torch.randn(2, 1, 16, 16, generator=g), "diseased": torch.randn(2, 1, 16, 16, generator=g),
+        "diseased_mask": torch.zeros(2, 16, 16, dtype=torch.long), "diseased_has_mask": torch.tensor([True, True]),
+    }
+    first = m.training_step(batch)["sparse"]
+    assert first > 0
+    for _ in range(5):
+        last = m.training_step(batch)["sparse"]
+    assert last < first
+
+
+def test_two_training_steps_with_the_default_residual_term():
+    image, labels, tags = _volume()
+    config = TrainConfig(steps=2, batch_size=2, crop=16)
+    model = run(iter_train(image, labels, tags=tags, method="translation",
+                           params={**SMALL, "warmup": 0.0}, config=config, device="cpu"))
+    h = model.history[-1]
+    assert h["steps"] == 2
+    assert "sparse" in h["losses"] and math.isfinite(h["losses"]["sparse"])
