@@ -33,6 +33,22 @@ def test_dock_fits_a_900_px_screen(qtbot, make_train_widget, run_and_wait, sampl
     assert w.sizeHint().height() <= 900
 
 
+def test_the_tag_dock_leaves_the_height_to_the_train_dock(qtbot, make_napari_viewer, make_train_widget, phantom):
+    from semiseg.napari._tags import TagWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(phantom.image, name="phantom")
+    viewer.add_labels(phantom.labels.copy(), name="phantom labels")
+    tags = TagWidget(viewer)
+    viewer.window.add_dock_widget(tags, name="Weak tags", area="right")
+    w = make_train_widget(viewer, steps=2)  # docked on the right, below the tags
+    viewer.window._qt_window.resize(1280, 900)
+    qtbot.wait(300)
+    # stacked in one column, the tag dock takes what its content needs and Train the rest
+    assert tags.height() <= tags.sizeHint().height() + 40
+    assert w.height() > 2 * tags.height()
+
+
 # ----------------------------------------------------------------------------- items 3, 9
 def test_after_a_run_the_prediction_shows_cleanly(qtbot, make_train_widget, run_and_wait, sample_viewer, monkeypatch):
     viewer = sample_viewer

@@ -113,7 +113,9 @@ class TagWidget(QWidget):
         self.suggest_button = QPushButton("Suggest tags from labels (painted slices -> diseased)")
         self.suggest_button.clicked.connect(self.suggest)
         lay.addWidget(self.suggest_button)
-        lay.addStretch(1)
+        # No taller than its content: stacked with the Train dock, an expanding tag dock took
+        # the height and left Train one row (docs screenshots, 1000 px window).
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
 
         self._annotated_cache: tuple[int, np.ndarray] | None = None
         self._refresh_timer = QTimer(self)
