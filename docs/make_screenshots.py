@@ -116,7 +116,7 @@ def main(argv=None):
     for name in ("phantom", "phantom labels"):
         viewer.layers[name].visible = False
     viewer.dims.set_point(1, z)
-    viewer.grid.enabled = False
+    (viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid).enabled = False
     _wait(app, lambda: True)
     viewer.screenshot(str(IMG / "sampled-tumours.png"), canvas_only=False)
     w.shutdown()
