@@ -190,6 +190,10 @@ def test_weights_are_normalised_like_the_paper():
     assert w["rec"] / w["adv"] == pytest.approx(50 / 3)
     with pytest.raises(ValueError):
         make_method(w_rec=-1.0)
+    with pytest.raises(ValueError, match="w_sparse"):
+        make_method(w_sparse=-1.0)
+    with pytest.raises(ValueError, match="sparse_margin"):
+        make_method(sparse_margin=-1)
 
 
 def _volume(seed=0, z=6, size=24):
