@@ -19,7 +19,7 @@ from semiseg.synthetic import make_phantom
 
 from ._util import random_batch
 
-TINY = {"features": (8, 16), "n_blocks": 1, "disc_features": 8, "pool_size": 4}
+TINY = {"features": (8, 16), "seg_features": (8, 16), "n_blocks": 1, "disc_features": 8, "pool_size": 4, "warmup": 0.0}
 
 
 def make(k=3, **over):
@@ -199,5 +199,79 @@ def test_engine_trains_and_leaves_labels_untouched():
 def test_bad_params_raise():
     with pytest.raises(ValueError):
         make(pool_size=-1)
+    with pytest.raises(ValueError, match="segmenter"):
+        make(segmenter="vit")
+    with pytest.raises(ValueError, match="seg_lr"):
+        make(seg_lr=0.0)
+    with pytest.raises(ValueError):
+        make(warmup=1.5)
     with pytest.raises(ValueError):
         get_method("cyclegan").parse_params({"lambda_typo": 1})
+
+
+# ----------------------------------------------------------------------------- CPU defaults
+def test_cpu_default_segmenter_is_the_unet_and_the_paper_preset_the_resnet():
+    cls = get_method("cyclegan")
+    from semiseg.nets.unet import UNet
+
+    cpu = cls(1, 2, params={**TINY, "seg_features": (8, 16)})
+    assert isinstance(cpu.nets["seg"], UNet)
+    paper = cls(1, 2, params=cls.preset_params("paper", {"features": (8, 16), "n_blocks": 1, "disc_features": 8}))
+    assert isinstance(paper.nets["seg"], ResnetGenerator)
+    # The paper's single Adam: one rate and beta1 for both generators.
+    groups = paper.opts["gen"].param_groups
+    assert {g["lr"] for g in groups} == {2e-4} and {g["betas"] for g in groups} == {(0.5, 0.999)}
+    # The CPU default: the segmenter at supervised's rate, the image generator at the paper's.
+    seg_group, gen_group = cpu.opts["gen"].param_groups
+    assert (seg_group["lr"], seg_group["betas"][0]) == (1e-3, 0.9)
+    assert (gen_group["lr"], gen_group["betas"][0]) == (2e-4, 0.5)
+    # A 4-level U-Net segmenter needs multiples of 8.
+    assert cls(1, 2, params={**TINY, "seg_features": (8, 16, 32, 64)}).size_multiple == 8
+
+
+def test_warm_up_trains_the_supervised_terms_only_until_its_share():
+    m = make(warmup=0.3)
+    discs = {k: [p.detach().clone() for p in m.nets[k].parameters()] for k in ("disc_mask", "disc_image")}
+    seg0 = [p.detach().clone() for p in m.nets["seg"].parameters()]
+    m.progress = 0.29
+    losses = m.training_step(batch())
+    assert set(losses) == {"ce", "dice_loss", "gen_l2"}
+    for k, before in discs.items():
+        assert all(torch.equal(a, b) for a, b in zip(before, m.nets[k].parameters())), k
+    assert any(not torch.equal(a, b) for a, b in zip(seg0, m.nets["seg"].parameters()))
+    m.progress = 0.3
+    assert "adv_mask" in m.training_step(batch())
+
+
+def test_warm_up_switches_at_its_share_of_a_step_budget(monkeypatch):
+    from semiseg.methods.cyclegan import CycleGAN
+
+    seen = []
+    warm, full = CycleGAN.supervised_step, CycleGAN.generator_terms
+    monkeypatch.setattr(CycleGAN, "supervised_step", lambda self, b: seen.append("warm") or warm(self, b))
+    monkeypatch.setattr(CycleGAN, "generator_terms", lambda self, b: seen.append("full") or full(self, b))
+    s = make_phantom(0, shape=(8, 32, 32), labelled=2, n_tumours=1)
+    labels = s.labels.copy()
+    train(
+        s.image, s.labels, tags=s.tags, method="cyclegan", params={**TINY, "warmup": 0.3},
+        config=TrainConfig(steps=10, batch_size=2, crop=32, seed=0), device="cpu",
+    )
+    assert seen == ["warm"] * 3 + ["full"] * 7
+    assert np.array_equal(s.labels, labels)
+
+
+def test_files_from_before_the_unet_segmenter_load_as_resnet(tmp_path):
+    import json
+
+    old = get_method("cyclegan")(1, 2, params={**TINY, "segmenter": "resnet", "seg_lr": 2e-4, "seg_beta1": 0.5})
+    path = Model(old, Normaliser((0.0,), (1.0,)), 0).save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    cfg = json.loads(payload["config"])
+    for key in ("segmenter", "seg_features", "seg_lr", "seg_beta1", "warmup"):
+        cfg["params"].pop(key)
+    payload["config"] = json.dumps(cfg)
+    torch.save(payload, path)
+    loaded = Model.load(path)
+    assert loaded.method.params.segmenter == "resnet" and loaded.method.params.warmup == 0.0
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.allclose(old.predict(x)["probabilities"], loaded.method.predict(x)["probabilities"], atol=1e-6)

@@ -157,6 +157,8 @@ class Model:
             raise ModelFileError(f"{path}: damaged model configuration ({exc})") from None
         # Files of older versions may store hyperparameters since replaced: dropped here.
         params = {k: v for k, v in cfg["params"].items() if k not in method_cls.retired_params}
+        # ... and lack those added since, which then mean what that version did.
+        params = {**method_cls.legacy_params, **params}
         method = method_cls(cfg["in_channels"], cfg["num_classes"], params=params, device=device, amp=amp)
         try:
             method.load_state_dict(payload["state"])

@@ -159,6 +159,10 @@ class Method(abc.ABC):
     #: model files that still store them load (:meth:`semiseg.model.Model.load` drops them);
     #: given anew they are refused with that hint.
     retired_params: ClassVar[dict[str, str]] = {}
+    #: Values that model files written before a hyperparameter existed meant by its absence
+    #: (the behaviour of that version), where they differ from today's defaults
+    #: (:meth:`semiseg.model.Model.load` fills them in).
+    legacy_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,

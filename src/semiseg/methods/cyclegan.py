@@ -7,9 +7,11 @@ import dataclasses
 import torch
 from torch.nn import functional as F
 
+from ..consistency import check_shares
 from ..gan_losses import image_cycle_loss, lsgan_d_loss, lsgan_g_loss, mask_cycle_loss
 from ..losses import dice_loss, one_hot
 from ..nets.gan_blocks import PixelDiscriminator, ResnetGenerator
+from ..nets.unet import UNet
 from .base import Method, MethodParams, register_method, set_requires_grad
 
 __all__ = ["CycleGAN", "CycleGANParams", "HistoryPool"]
@@ -24,9 +26,25 @@ class CycleGANParams(MethodParams):
     lr, beta1, beta2 : float
         Adam settings of generators and discriminators (2e-4, 0.5, 0.999 in the paper).
     features : tuple of int
-        Generator widths: stem, then after each stride-2 downsampling (paper: 64, 128, 256,
-        the ``paper`` preset; CPU default 8, 16, 32). Slices must be multiples of
-        ``2 ** (len(features) - 1)``.
+        Image generator widths: stem, then after each stride-2 downsampling (paper: 64, 128,
+        256, the ``paper`` preset; CPU default 8, 16, 32); also the segmenter's when
+        ``segmenter`` is ``resnet``.
+    segmenter : str
+        Network of ``G_IS``: ``unet`` (CPU default: the project's U-Net, as ``supervised``, of
+        widths ``seg_features``) or ``resnet`` (the paper: the same ResNet generator as
+        ``G_SI``, ``paper`` preset). Mondal et al. (Sec. 5) chose one network for both "to
+        achieve a better learning equilibrium" and suggest different ones could do better; at
+        CPU budgets the ResNet segmenter learns too slowly (Dice 0.46 after 5 CPU-minutes on
+        the phantom where ``supervised`` reaches 0.94; benchmarks.md, issue 19).
+    seg_features : tuple of int
+        U-Net widths of the ``unet`` segmenter.
+    seg_lr, seg_beta1 : float
+        Adam learning rate and beta1 of the segmenter (the paper: ``lr`` and ``beta1``; CPU
+        default 1e-3 and 0.9, those of ``supervised``).
+    warmup : float
+        Share of the run (:attr:`~semiseg.methods.base.Method.progress`) in which only the
+        supervised terms train (segmenter: CE + Dice; image generator: ``gen_l2``), so the
+        cycle and adversarial terms refine a segmenter that already segments (0 in the paper).
     n_blocks : int
         Residual blocks of each generator (paper: 9; CPU default 3).
     disc_features : int
@@ -56,6 +74,11 @@ class CycleGANParams(MethodParams):
     beta1: float = 0.5
     beta2: float = 0.999
     features: tuple[int, ...] = (8, 16, 32)
+    segmenter: str = "unet"
+    seg_features: tuple[int, ...] = (16, 32, 64, 128)
+    seg_lr: float = 1e-3
+    seg_beta1: float = 0.9
+    warmup: float = 0.3
     n_blocks: int = 3
     disc_features: int = 16
     norm: str = "instance"
@@ -142,16 +165,39 @@ class CycleGAN(Method):
     summary = "image<->mask CycleGAN: supervised, cycle and least-squares adversarial losses"
     reference = "Mondal et al., arXiv:1908.11569, 2019"
     Params = CycleGANParams
-    #: The paper's generators (Johnson et al.'s ResNet: 64-128-256, 9 blocks) and 64-channel
-    #: discriminators; the CPU defaults are 8-16-32 with 3 blocks (~18x fewer operations).
-    presets = {"cpu": {}, "paper": {"features": (64, 128, 256), "n_blocks": 9, "disc_features": 64}}
+    #: The paper's generators (Johnson et al.'s ResNet: 64-128-256, 9 blocks, also as the
+    #: segmenter, trained with the generators' Adam from step 0) and 64-channel discriminators;
+    #: the CPU defaults are an 8-16-32 image generator with 3 blocks (~18x fewer operations)
+    #: and a U-Net segmenter warmed up on the supervised loss.
+    presets = {
+        "cpu": {},
+        "paper": {
+            "features": (64, 128, 256),
+            "n_blocks": 9,
+            "disc_features": 64,
+            "segmenter": "resnet",
+            "seg_lr": 2e-4,
+            "seg_beta1": 0.5,
+            "warmup": 0.0,
+        },
+    }
+    #: What model files written before these parameters existed meant by their absence.
+    legacy_params = {"segmenter": "resnet", "seg_lr": 2e-4, "seg_beta1": 0.5, "warmup": 0.0}
 
     def build(self) -> None:
         p = self.params
         if p.pool_size < 0:
             raise ValueError("pool_size must be >= 0")
+        if p.segmenter not in ("unet", "resnet"):
+            raise ValueError(f"segmenter must be 'unet' or 'resnet', got {p.segmenter!r}")
+        if p.seg_lr <= 0 or not 0 <= p.seg_beta1 < 1:
+            raise ValueError("seg_lr must be > 0 and seg_beta1 in [0, 1)")
+        check_shares(warmup=p.warmup)
         c, k = self.in_channels, self.num_classes
-        self.nets["seg"] = ResnetGenerator(c, k, features=p.features, n_blocks=p.n_blocks, norm=p.norm)
+        if p.segmenter == "unet":
+            self.nets["seg"] = UNet(c, k, features=p.seg_features, norm=p.norm)
+        else:
+            self.nets["seg"] = ResnetGenerator(c, k, features=p.features, n_blocks=p.n_blocks, norm=p.norm)
         self.nets["gen"] = ResnetGenerator(
             k, c, features=p.features, n_blocks=p.n_blocks, norm=p.norm, out_activation="tanh"
         )
@@ -163,10 +209,20 @@ class CycleGAN(Method):
     def make_optimizers(self) -> None:
         p = self.params
         betas = (p.beta1, p.beta2)
-        gens = [*self.nets["seg"].parameters(), *self.nets["gen"].parameters()]
         discs = [*self.nets["disc_mask"].parameters(), *self.nets["disc_image"].parameters()]
-        self.opts["gen"] = torch.optim.Adam(gens, lr=p.lr, betas=betas)
+        # One Adam over both generators, with the segmenter's own group (rate and beta1 are
+        # per group in torch), so the paper preset is exactly the paper's single optimiser.
+        groups = [
+            {"params": list(self.nets["seg"].parameters()), "lr": p.seg_lr, "betas": (p.seg_beta1, p.beta2)},
+            {"params": list(self.nets["gen"].parameters())},
+        ]
+        self.opts["gen"] = torch.optim.Adam(groups, lr=p.lr, betas=betas)
         self.opts["disc"] = torch.optim.Adam(discs, lr=p.lr, betas=betas)
+
+    @property
+    def size_multiple(self) -> int:
+        seg = self.params.seg_features if self.params.segmenter == "unet" else ()
+        return 2 ** max(len(self.params.features) - 1, len(seg) - 1)
 
     def batch_needs(self, batch_size: int) -> dict[str, int]:
         return {"labelled": batch_size, "unlabelled": batch_size}
@@ -235,8 +291,27 @@ class CycleGAN(Method):
         return {"d_mask": d_mask, "d_image": d_image}
 
     # ------------------------------------------------------------------ interface
+    def supervised_step(self, batch) -> dict[str, float]:
+        """Warm-up step: the segmenter on CE + Dice and the image generator on ``gen_l2``
+        (both of annotated pairs only); no cycles, no discriminators."""
+        p = self.params
+        y = batch["mask"].long()
+        with self.autocast():
+            logits = self.nets["seg"](batch["labelled"])
+            x_fake = self.nets["gen"](one_hot(y, self.num_classes).to(batch["labelled"].dtype))
+        terms = {
+            "ce": F.cross_entropy(logits.float(), y),
+            "dice_loss": dice_loss(logits, y),
+            "gen_l2": F.mse_loss(x_fake.float(), batch["labelled"].float()),
+        }
+        loss = p.ce_weight * terms["ce"] + p.dice_weight * terms["dice_loss"] + p.lambda_gen_image * terms["gen_l2"]
+        self.optimise(loss, self.opts["gen"])
+        return {k: v.item() for k, v in terms.items()}
+
     def training_step(self, batch):
         self.train_mode()
+        if self.warming_up(self.params.warmup):
+            return self.supervised_step(batch)
         discs = [self.nets["disc_mask"], self.nets["disc_image"]]
         set_requires_grad(discs, False)
         try:
