@@ -99,7 +99,7 @@ def bench_method(name, sample, args, timers):
     import semiseg
 
     config = semiseg.TrainConfig(
-        steps=args.warmup + args.steps, batch_size=args.batch_size, crop=args.crop, seed=0
+        steps=args.warmup + args.steps, batch_size=args.batch_size, crop=args.crop or None, seed=0
     )
     gen = semiseg.iter_train(
         sample.image, sample.labels, tags=sample.tags, method=name, config=config, device="cpu"
@@ -203,7 +203,7 @@ def profile_method(name, sample, args, params=None, preset="cpu"):
     import semiseg
 
     def config(steps):
-        return semiseg.TrainConfig(steps=steps, batch_size=args.batch_size, crop=args.crop, seed=0)
+        return semiseg.TrainConfig(steps=steps, batch_size=args.batch_size, crop=args.crop or None, seed=0)
 
     # The warm-up run builds the model; the timed run continues it with the timers attached.
     model = semiseg.train(
@@ -226,8 +226,8 @@ def profile_method(name, sample, args, params=None, preset="cpu"):
     return {
         "method": name, "preset": preset, "at_progress": args.at, "step_s": round(step, 4), "forward": fwd, "optimise": opt,
         "rest_s": round(step - sum(fwd.values()) - sum(opt.values()), 4),
-        "batch_size": args.batch_size, "crop": args.crop, "threads": args.threads,
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "batch_size": args.batch_size, "crop": model.tile_size, "auto_crop": not args.crop,
+        "threads": args.threads, "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -337,7 +337,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", help="default: every registered method")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--crop", type=int, default=96,
+                   help="training crop side; 0: each method's automatic crop (engine.auto_crop)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

@@ -213,7 +213,7 @@ def test_train_help_describes_the_verb_its_arguments_and_every_default():
     assert entries["labels"].startswith("labels of the image's (Z, Y, X) shape")
     assert "model file to write" in entries["-o"]
     assert entries["--crop"].endswith("(default: the continued model's, else the slice's smaller side up to 160, "
-                                      "96 for 3D methods)")
+                                      "on the CPU less for methods with costlier steps, 96 for 3D methods)")
     for option, default in (("--batch-size", "8"), ("--steps", "300"),
                             ("--anneal", "0.0"), ("--seed", "0"), ("--device", "auto")):
         assert entries[option].endswith(f"(default: {default})"), entries[option]

@@ -268,6 +268,34 @@ def test_auto_crop_covers_the_slice_up_to_a_cap(shape, dims, expected):
     assert auto_crop(shape, dims) == expected
 
 
+@pytest.mark.parametrize(
+    ("shape", "cost", "expected"),
+    [((128, 128), 1.0, 128), ((128, 128), 1.6, 112), ((128, 128), 2.0, 112), ((128, 128), 2.7, 96),
+     ((224, 224), 2.0, 112), ((224, 224), 0.5, 160), ((64, 64), 2.7, 64), ((224, 224), 100.0, 16)],
+)
+def test_auto_crop_shrinks_with_the_cost_of_a_step(shape, cost, expected):
+    from semiseg.engine import auto_crop
+
+    assert auto_crop(shape, 2, cost) == expected
+    # 3D methods keep their own cap.
+    assert auto_crop(shape, 3, cost) == auto_crop(shape, 3)
+
+
+def test_costlier_methods_get_a_smaller_automatic_crop_on_the_cpu():
+    from semiseg.methods import get_method
+
+    s = semiseg.make_phantom(0, shape=(12, 128, 128), labelled=3)
+    assert get_method("mutual-info").step_cost > 2  # by the issue-19 measurement
+    crops = {}
+    for name in ("supervised", "mutual-info"):
+        model = semiseg.train(
+            s.image, s.labels, tags=s.tags, method=name, params={"features": (8, 16)},
+            config=TrainConfig(steps=1, batch_size=2), device="cpu",
+        )
+        crops[name] = model.tile_size
+    assert crops == {"supervised": 128, "mutual-info": 96}
+
+
 def test_default_crop_is_chosen_from_the_volume_and_kept_when_training_on(tiny_phantom):
     s = tiny_phantom
     h, w = s.image.shape[1:]

@@ -51,7 +51,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="training crops per step")
     p.add_argument("--crop", type=int, help="side of the square training crops and prediction windows, in pixels "
-                   "(default: the continued model's, else the slice's smaller side up to 160, 96 for 3D methods)")
+                   "(default: the continued model's, else the slice's smaller side up to 160, on the CPU "
+                   "less for methods with costlier steps, 96 for 3D methods)")
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis of (Z, Y, X)")
     p.add_argument(
         "--context", type=int, metavar="N",

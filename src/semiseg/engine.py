@@ -128,16 +128,31 @@ AUTO_CROP_2D = 160
 AUTO_CROP_3D = 96
 
 
-def auto_crop(slice_shape: tuple[int, int], spatial_dims: int = 2) -> int:
+def auto_crop(slice_shape: tuple[int, int], spatial_dims: int = 2, step_cost: float = 1.0) -> int:
     """Crop side for slices of ``slice_shape`` ``(H, W)``: the smaller side rounded down to a
-    multiple of 16 (at least 16), at most :data:`AUTO_CROP_2D` (2D) or :data:`AUTO_CROP_3D` (3D).
+    multiple of 16 (at least 16), at most a cap.
 
     nnU-Net sizes its 2D patches to cover the typical slice as far as memory allows; here the
     CPU time of a step is the limit. A 96² crop of a 224² MRI slice sees a part of the head,
     often mostly air, and cannot tell the brain's edge from the scalp's (issue 16 benchmark).
+
+    Parameters
+    ----------
+    slice_shape : (H, W) tuple of int
+    spatial_dims : int
+        3 for methods on 3D patches: cap :data:`AUTO_CROP_3D`.
+    step_cost : float
+        CPU time of the method's step relative to ``supervised``'s at the same crop
+        (:attr:`semiseg.methods.base.Method.step_cost`; 1 on a GPU). A step's time grows with
+        the crop's area, so 2D methods are capped at ``AUTO_CROP_2D / sqrt(step_cost)``: every
+        step then costs about what a ``supervised`` step of the largest crop does (about 0.5 s
+        on one thread; issue 19 benchmark).
     """
-    cap = AUTO_CROP_3D if spatial_dims == 3 else AUTO_CROP_2D
-    return int(max(16, min(cap, min(slice_shape) // 16 * 16)))
+    if spatial_dims == 3:
+        cap = AUTO_CROP_3D
+    else:
+        cap = AUTO_CROP_2D / math.sqrt(max(1.0, float(step_cost)))
+    return int(max(16, min(cap, min(slice_shape)) // 16 * 16))
 
 
 def lr_factor(done: float, anneal: float) -> float:
@@ -272,7 +287,8 @@ def iter_train(
     if config.crop is None:  # the model's own crop when training on, else one for this volume
         in_plane = [n for d, n in enumerate(image.shape[1:]) if d != config.axis]
         crop = continued.tile_size if continued is not None and continued.tile_size else None
-        crop = crop or auto_crop(tuple(in_plane), getattr(method_obj, "spatial_dims", 2))
+        cost = method_obj.step_cost if dev.type == "cpu" else 1.0  # a GPU affords the largest crop
+        crop = crop or auto_crop(tuple(in_plane), getattr(method_obj, "spatial_dims", 2), cost)
         config = dataclasses.replace(config, crop=int(crop))
     _reset_learning_rates(method_obj)
     # Predict as trained: in windows of the training crop (see Model.tile_size).

@@ -95,6 +95,8 @@ class Autoencoder(Supervised):
     summary = "U-Net + reconstruction decoder (no skips) on every slice; the AE baseline"
     reference = "Vorontsov et al., IEEE TMI 2022 (AE baseline)"
     Params = AutoencoderParams
+    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
+    step_cost = 2.1
     outputs = {"reconstruction": "image"}
     semi_supervised = True
 

@@ -165,6 +165,8 @@ class CycleGAN(Method):
     summary = "image<->mask CycleGAN: supervised, cycle and least-squares adversarial losses"
     reference = "Mondal et al., arXiv:1908.11569, 2019"
     Params = CycleGANParams
+    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
+    step_cost = 2.6
     #: The paper's generators (Johnson et al.'s ResNet: 64-128-256, 9 blocks, also as the
     #: segmenter, trained with the generators' Adam from step 0) and 64-channel discriminators;
     #: the CPU defaults are an 8-16-32 image generator with 3 blocks (~18x fewer operations)

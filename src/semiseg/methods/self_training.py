@@ -109,6 +109,8 @@ class SelfTraining(Supervised):
     summary = "U-Net learning its own confident predictions on unannotated slices (FixMatch-style)"
     reference = "Sohn et al., NeurIPS 2020 (FixMatch); Lee 2013 (pseudo-labels)"
     Params = SelfTrainingParams
+    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
+    step_cost = 2.0
     semi_supervised = True
 
     def build(self) -> None:

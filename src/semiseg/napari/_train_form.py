@@ -161,7 +161,8 @@ class TrainForm:
         self.crop_spin = _spin(0, 1024, 0, step=16)
         self.crop_spin.setSpecialValueText("auto")  # 0: chosen from the volume (engine.auto_crop)
         self.crop_spin.setToolTip("Side of the training crops and prediction windows; auto: the slice's "
-                                  "smaller side up to 160 (a continued model keeps its own)")
+                                  "smaller side up to 160 on a GPU; on the CPU 96-160, less for costlier methods "
+                                  "(a continued model keeps its own)")
         form.addRow("Crop", self.crop_spin)
         self.context_spin = _spin(0, 8, TrainConfig.context)  # issue 16: 2.5D slice context
         self.context_spin.setToolTip("Neighbouring slices on each side the network sees with each slice "
