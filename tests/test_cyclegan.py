@@ -116,7 +116,8 @@ def test_history_pool_fills_then_mixes():
 def test_registered():
     assert "cyclegan" in list_methods()
     cls = get_method("cyclegan")
-    p = cls.Params()
+    # The paper's optimiser and loss weights (Sec. 4), as the ``paper`` preset gives them.
+    p = cls.parse_params(cls.preset_params("paper"))
     assert (p.lr, p.beta1, p.beta2) == (2e-4, 0.5, 0.999)
     lambdas = (p.lambda_gen_image, p.lambda_cycle_mask, p.lambda_cycle_image, p.lambda_adv_mask, p.lambda_adv_image)
     assert lambdas == (1, 0.05, 1, 1, 1)
@@ -218,6 +219,8 @@ def test_cpu_default_segmenter_is_the_unet_and_the_paper_preset_the_resnet():
     assert isinstance(cpu.nets["seg"], UNet)
     paper = cls(1, 2, params=cls.preset_params("paper", {"features": (8, 16), "n_blocks": 1, "disc_features": 8}))
     assert isinstance(paper.nets["seg"], ResnetGenerator)
+    # The paper weighs the mask discriminator as every other term; the CPU default less.
+    assert (paper.params.lambda_adv_mask, cpu.params.lambda_adv_mask) == (1.0, 0.1)
     # The paper's single Adam: one rate and beta1 for both generators.
     groups = paper.opts["gen"].param_groups
     assert {g["lr"] for g in groups} == {2e-4} and {g["betas"] for g in groups} == {(0.5, 0.999)}

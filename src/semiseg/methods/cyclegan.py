@@ -37,7 +37,9 @@ class CycleGANParams(MethodParams):
         CPU budgets the ResNet segmenter learns too slowly (Dice 0.46 after 5 CPU-minutes on
         the phantom where ``supervised`` reaches 0.94; benchmarks.md, issue 19).
     seg_features : tuple of int
-        U-Net widths of the ``unet`` segmenter.
+        U-Net widths of the ``unet`` segmenter (CPU default 8..64, half of ``supervised``'s:
+        it segments three times the batch per step, annotated, unannotated and generated
+        images).
     seg_lr, seg_beta1 : float
         Adam learning rate and beta1 of the segmenter (the paper: ``lr`` and ``beta1``; CPU
         default 1e-3 and 0.9, those of ``supervised``).
@@ -58,7 +60,11 @@ class CycleGANParams(MethodParams):
     lambda_cycle_image : float
         lambda_3, weight of the L1 image cycle ``|G_SI(G_IS(x')) - x'|``.
     lambda_adv_mask, lambda_adv_image : float
-        lambda_4, lambda_5, weights of the least-squares adversarial terms of the generators.
+        lambda_4, lambda_5, weights of the least-squares adversarial terms of the generators
+        (1 and 1 in the paper, the ``paper`` preset). CPU default ``lambda_adv_mask`` 0.1:
+        at CPU budgets the mask discriminator, which has seen only painted masks, drives the
+        segmenter to draw tumour-like blobs on unannotated slices (Dice 0.63 / 0.78 against
+        0.91 / 0.89 with 0.1, phantom seeds 0 / 1 at 5 CPU-minutes; benchmarks.md, issue 19).
     ce_weight : float
         Weight of the supervised cross-entropy (Eq. 1; 1 in the paper).
     dice_weight : float
@@ -75,7 +81,7 @@ class CycleGANParams(MethodParams):
     beta2: float = 0.999
     features: tuple[int, ...] = (8, 16, 32)
     segmenter: str = "unet"
-    seg_features: tuple[int, ...] = (16, 32, 64, 128)
+    seg_features: tuple[int, ...] = (8, 16, 32, 64)
     seg_lr: float = 1e-3
     seg_beta1: float = 0.9
     warmup: float = 0.3
@@ -85,7 +91,7 @@ class CycleGANParams(MethodParams):
     lambda_gen_image: float = 1.0
     lambda_cycle_mask: float = 0.05
     lambda_cycle_image: float = 1.0
-    lambda_adv_mask: float = 1.0
+    lambda_adv_mask: float = 0.1
     lambda_adv_image: float = 1.0
     ce_weight: float = 1.0
     dice_weight: float = 1.0
@@ -165,8 +171,9 @@ class CycleGAN(Method):
     summary = "image<->mask CycleGAN: supervised, cycle and least-squares adversarial losses"
     reference = "Mondal et al., arXiv:1908.11569, 2019"
     Params = CycleGANParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.6
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread; benchmarks.md,
+    #: issue 19: 0.80 against 0.35 s with the 8..64 U-Net segmenter, 1.40 s with 16..128).
+    step_cost = 2.3
     #: The paper's generators (Johnson et al.'s ResNet: 64-128-256, 9 blocks, also as the
     #: segmenter, trained with the generators' Adam from step 0) and 64-channel discriminators;
     #: the CPU defaults are an 8-16-32 image generator with 3 blocks (~18x fewer operations)
@@ -181,6 +188,7 @@ class CycleGAN(Method):
             "seg_lr": 2e-4,
             "seg_beta1": 0.5,
             "warmup": 0.0,
+            "lambda_adv_mask": 1.0,
         },
     }
     #: What model files written before these parameters existed meant by their absence.
