@@ -159,13 +159,16 @@ def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
         if not np.array_equal(scored.truth, sample.truth):
             raise RuntimeError("the sample's volume changed with K or the placement")
         rows.append(score_row(method, sample_kind, k, placement, seed, args, params, scored, res, whole, h, train_s,
-                              residual_map=residual_map))
+                              residual_map=residual_map, crop=model.tile_size))
     return rows
 
 
 def score_row(method, sample_kind, k, placement, seed, args, params, sample, res, whole, h, train_s, *,
-              residual_map=None) -> dict:
-    """One result row: the prediction ``res`` scored on the slices ``sample`` leaves unannotated."""
+              residual_map=None, crop=None) -> dict:
+    """One result row: the prediction ``res`` scored on the slices ``sample`` leaves unannotated.
+
+    ``crop`` is the side of the training crops (``Model.tile_size``).
+    """
     from semiseg.metrics import dice_per_class
 
     keep = np.ones(len(sample.truth), bool)
@@ -181,7 +184,7 @@ def score_row(method, sample_kind, k, placement, seed, args, params, sample, res
         "method": method, "sample": sample_kind, "k": k, "seed": seed,
         "dice": round(hard, 4), "soft_dice": round(soft, 4), **whole_dice,
         "errors": error_anatomy(res["mask"][keep] == 1, sample.truth[keep] == 1),
-        "steps": h["steps"], "train_seconds": round(train_s, 1),
+        "steps": h["steps"], "train_seconds": round(train_s, 1), "crop": crop,
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
         "tags": bool(args.tags), "params": params, "anneal": args.anneal, "losses": h["losses"],
         "every_slice_labelled": bool(args.every_slice_labelled), "placement": placement,
