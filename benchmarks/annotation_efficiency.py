@@ -30,6 +30,9 @@ semi-supervised method can gain over ``supervised``::
 
     python benchmarks/annotation_efficiency.py --methods supervised --samples phantom --k 5 \
         --minutes 1 --clock process --every-slice-labelled
+
+``--save-models DIR`` keeps each trained model (``DIR/<method>_<sample>_k<K>_<placement>_seed<S>.pt``),
+e.g. for the docs figures of the run (``docs/make_screenshots.py --translation-model``).
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
     residual_map = None
     if "residual" in model.method.outputs:  # issue 19: does the residual show the lesion?
         residual_map = semiseg.predict_volume(model, sample.image, outputs=("residual",), probabilities=False)["residual"]
+    if args.save_models is not None:
+        label = "every-slice" if args.every_slice_labelled else f"k{k0}_{placement0}"
+        model.save(Path(args.save_models) / f"{method}_{sample_kind}_{label}_seed{seed}.pt")
     rows = []
     for k, placement in regimes:
         scored = sample if (k, placement) == (k0, placement0) else semiseg.make_sample(
@@ -432,6 +438,8 @@ def main(argv=None) -> int:
                    help="skip the second prediction (whole slices instead of windows) and its Dice")
     p.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                   help="save each trained model in DIR (<method>_<sample>_k<K>_<placement>_seed<S>.pt)")
     p.add_argument("--report", action="store_true", help="aggregate results and exit")
     args = p.parse_args(argv)
     if args.report:
@@ -440,6 +448,8 @@ def main(argv=None) -> int:
     methods = args.methods or semiseg.list_methods()
     params = parse_params(args.param)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
     regimes = [(k, pl) for pl in args.placement for k in args.k]
     for sample in args.samples:
         if args.every_slice_labelled:  # one model per seed, scored on every regime

@@ -147,8 +147,9 @@ def report(path: Path) -> str:
 
 
 def figure(path: Path, args, params: dict) -> str:
-    """Train ``translation`` on the phantom (weak tags, K annotated slices) and draw, for a few
-    diseased slices: input, healthy translation, residual, segmentation, sampled tumours."""
+    """Train ``translation`` on the phantom (weak tags, K annotated slices), or load
+    ``args.figure_model``, and draw, for a few diseased slices: input, healthy translation,
+    residual, segmentation, sampled tumours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,8 +165,15 @@ def figure(path: Path, args, params: dict) -> str:
         steps=args.steps, minutes=args.minutes, clock="process", seed=0,
         batch_size=args.batch_size, crop=args.figure_crop,
     )
-    model = semiseg.train(s.image, s.labels, tags=s.tags, method="translation", params=params or None,
-                          config=config, device="cpu")
+    if args.figure_model:  # the model of a benchmark run (annotation_efficiency.py --save-models)
+        model = semiseg.load_model(args.figure_model)
+        if model.method.name != "translation":
+            raise SystemExit(f"{args.figure_model} holds a {model.method.name} model, not translation")
+        budget = f"model {Path(args.figure_model).name}"
+    else:
+        model = semiseg.train(s.image, s.labels, tags=s.tags, method="translation", params=params or None,
+                              config=config, device="cpu")
+        budget = f"{args.minutes} CPU-min"
     res = semiseg.predict_volume(model, s.image, outputs=("healthy", "residual"))
     diseased = np.flatnonzero(s.tags == 1)
     unannotated = np.setdiff1d(diseased, s.annotated)
@@ -198,7 +206,7 @@ def figure(path: Path, args, params: dict) -> str:
     h = model.history[-1]
     fig.suptitle(
         f"translation on the phantom, K={len(s.annotated)} annotated slices, {h['steps']} steps "
-        f"({args.minutes} CPU-min); segmentation: red = prediction, yellow = truth", fontsize=9,
+        f"({budget}); segmentation: red = prediction, yellow = truth", fontsize=9,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--figure", type=Path, metavar="PNG", help="train translation on the phantom and draw")
     p.add_argument("--figure-k", type=int, default=5, help="annotated phantom slices for --figure")
     p.add_argument("--figure-crop", type=int, default=64)
+    p.add_argument("--figure-model", type=Path, metavar="PT",
+                   help="draw --figure from this saved translation model instead of training one")
     args = p.parse_args(argv)
     if args.report:
         print(report(args.out))

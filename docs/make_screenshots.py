@@ -7,7 +7,14 @@ Run under a display, e.g.::
 
 It opens the phantom sample, tags slices, trains ``supervised`` through the Train widget and
 shoots the prediction; then, when the ``translation`` method is registered, trains it and
-shoots its residual, healthy and sampled-tumour layers.
+shoots its residual, healthy and sampled-tumour layers. ``--translation-model`` loads a saved
+``translation`` model instead (through the widget's *Load model*, then *Predict*), e.g. the one
+of the benchmark run (``benchmarks/annotation_efficiency.py --save-models``)::
+
+    python benchmarks/annotation_efficiency.py --samples phantom --methods translation --k 5 \
+        --seeds 0 --minutes 5 --clock process --threads 1 --save-models /tmp/models
+    xvfb-run -a python docs/make_screenshots.py \
+        --translation-model /tmp/models/translation_phantom_k5_even_seed0.pt
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300, help="supervised steps (the widget's default)")
     ap.add_argument("--translation-steps", type=int, default=500,
                     help="translation steps at its CPU defaults (about 5 CPU-minutes on a 128² slice)")
+    ap.add_argument("--translation-model", default=None, metavar="PATH",
+                    help="load this translation model instead of training one (its figures are that run's)")
+    ap.add_argument("--translation-only", action="store_true",
+                    help="shoot only the residual, healthy and sampled-tumour figures")
     ap.add_argument("--backend", default="process")
     args = ap.parse_args(argv)
     # The widget lists every run kept in the runs folder; a fresh one shows only this script's.
@@ -77,27 +88,37 @@ def main(argv=None):
     z = 24
     viewer.dims.set_point(0, z)
     _wait(app, lambda: True)
-    viewer.screenshot(str(IMG / "open-sample.png"), canvas_only=False)
+    if not args.translation_only:
+        viewer.screenshot(str(IMG / "open-sample.png"), canvas_only=False)
 
-    _train(app, w, "supervised", args.steps)
-    if "phantom uncertainty" in viewer.layers:  # from the embedded suggestion list
-        viewer.layers["phantom uncertainty"].visible = False
-    viewer.layers["phantom labels"].visible = False
-    viewer.layers.selection.active = viewer.layers["phantom prediction"]
-    _wait(app, lambda: True)
-    viewer.screenshot(str(IMG / "prediction.png"), canvas_only=False)
-    viewer.layers["phantom probability"].visible = True
-    viewer.layers["phantom prediction"].visible = False
-    _wait(app, lambda: True)
-    viewer.screenshot(str(IMG / "probability.png"), canvas_only=True)
-    viewer.layers["phantom probability"].visible = False
-    viewer.layers["phantom prediction"].visible = True
-    viewer.layers["phantom labels"].visible = True
+        _train(app, w, "supervised", args.steps)
+        if "phantom uncertainty" in viewer.layers:  # from the embedded suggestion list
+            viewer.layers["phantom uncertainty"].visible = False
+        viewer.layers["phantom labels"].visible = False
+        viewer.layers.selection.active = viewer.layers["phantom prediction"]
+        _wait(app, lambda: True)
+        viewer.screenshot(str(IMG / "prediction.png"), canvas_only=False)
+        viewer.layers["phantom probability"].visible = True
+        viewer.layers["phantom prediction"].visible = False
+        _wait(app, lambda: True)
+        viewer.screenshot(str(IMG / "probability.png"), canvas_only=True)
+        viewer.layers["phantom probability"].visible = False
+        viewer.layers["phantom prediction"].visible = True
+        viewer.layers["phantom labels"].visible = True
 
     if "translation" not in list_methods():
         print("translation is not registered: residual/sample screenshots skipped")
         return 0
-    _train(app, w, "translation", args.translation_steps)  # the method's CPU defaults
+    if args.translation_model:
+        model = w.load_model(args.translation_model)
+        if model.method.name != "translation":
+            raise SystemExit(f"{args.translation_model} holds a {model.method.name} model, not translation")
+        w.predict_button.click()
+        _wait(app, lambda: not w.busy)
+        if w.last_error is not None:
+            raise RuntimeError(w.last_error)
+    else:
+        _train(app, w, "translation", args.translation_steps)  # the method's CPU defaults
     for name in ("prediction", "probability", "healthy", "uncertainty"):
         if f"phantom {name}" in viewer.layers:
             viewer.layers[f"phantom {name}"].visible = False

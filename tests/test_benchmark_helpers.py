@@ -110,3 +110,28 @@ def test_gap_table_pairs_each_method_with_supervised_and_the_bound_of_its_regime
     assert "| self-training (clustered slices) | 5 | 1.0 min process | 0.650 | 0.550 | 0.750 | +50% [+50%, +50%] | 2 |" in table
     assert "| mean-teacher (clustered slices) | 5 | 1.0 min process | 0.550 | 0.550 | 0.750 | +0% [+0%, +0%] | 2 |" in table
     assert "| supervised" not in table.split("\n", 2)[2]  # neither the baseline nor the bound is a row
+
+
+def test_save_models_keeps_the_scored_model(tmp_path):
+    import json
+
+    import annotation_efficiency
+
+    import semiseg
+
+    out, models = tmp_path / "rows.jsonl", tmp_path / "models"
+    annotation_efficiency.main([
+        "--methods", "supervised", "--samples", "digits", "--k", "2", "--seeds", "1", "--steps", "2",
+        "--crop", "32", "--no-whole-slices", "--out", str(out), "--save-models", str(models),
+        "--param", "supervised:features=4,8",
+    ])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    model = semiseg.load_model(models / "supervised_digits_k2_even_seed1.pt")
+    assert model.method.name == "supervised" and model.history[-1]["steps"] == row["steps"] == 2
+    # The saved weights are the scored ones: predicting again gives the row's Dice.
+    from semiseg.metrics import dice_per_class
+
+    sample = semiseg.make_sample("digits", seed=1, labelled=2)
+    mask = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
+    dice = dice_per_class(mask, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
+    assert round(dice, 4) == row["dice"]

@@ -134,6 +134,18 @@ def test_amp_dtype_and_channels_last():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unet3d_trains_on_cuda(tiny_phantom):
+    # 5-D weights cannot take the 2D networks' channels_last (placing them raised before).
+    s = tiny_phantom
+    model = semiseg.train(s.image, s.labels, method="unet3d", params={"features": (4, 8)}, device="cuda",
+                          config=semiseg.TrainConfig(steps=2, batch_size=8, crop=16))
+    assert model.method.step == 2
+    w = model.method.nets["seg"].down[0][0].weight
+    assert w.device.type == "cuda" and w.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_frees_cached_memory(tiny_phantom):
     s = tiny_phantom
     model = semiseg.train(s.image, s.labels, params=TINY_PARAMS, device="cuda",

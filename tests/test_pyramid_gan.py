@@ -267,3 +267,11 @@ def test_engine_reaches_the_finest_level_in_any_budget():
         config=TrainConfig(steps=4, batch_size=2, crop=32, seed=0), device="cpu",
     )
     assert model.method.level == 1
+
+
+def test_segmenter_adversarial_weight_is_0_1_on_cpu_and_the_papers_1_in_its_preset():
+    from semiseg.methods import get_method
+
+    cls = get_method("pyramid-gan")
+    assert cls.parse_params(cls.preset_params("cpu")).seg_adv_weight == 0.1
+    assert cls.parse_params(cls.preset_params("paper")).seg_adv_weight == 1.0

@@ -106,6 +106,35 @@ def test_unet3d_shapes(shape, features, pools):
     assert net(torch.zeros(shape)).shape == (shape[0], 3, *shape[2:])
 
 
+def test_channels_last_3d_gives_the_contiguous_networks_numbers():
+    torch.manual_seed(0)
+    plain = UNet3D(1, 2, features=(4, 8, 16), channels_last=False)
+    fast = UNet3D(1, 2, features=(4, 8, 16))
+    fast.load_state_dict(plain.state_dict())
+    w = fast.down[1][0].weight  # (8, 4, 3, 3, 3): the layouts differ with more than one channel in
+    assert w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+    x = torch.randn(2, 1, 6, 20, 22)
+    y_plain, y_fast = plain(x), fast(x)
+    assert y_fast.is_contiguous()  # callers get an ordinary tensor
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-4, atol=1e-5)
+    y_plain.square().mean().backward()
+    y_fast.square().mean().backward()
+    torch.testing.assert_close(fast.down[0][0].weight.grad, plain.down[0][0].weight.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_placed_3d_network_keeps_its_layout_on_every_device():
+    from semiseg.methods.base import memory_format_for
+
+    net = UNet3D(1, 2, features=(4, 8))
+    # 2D channels_last cannot hold 5-D weights (it raises): on CUDA a 3D net keeps its own.
+    assert memory_format_for(net, "cuda") == torch.channels_last_3d
+    assert memory_format_for(net, "cpu") == torch.channels_last_3d
+    assert memory_format_for(torch.nn.Conv2d(1, 1, 3), "cuda") == torch.channels_last
+    assert memory_format_for(torch.nn.Conv2d(1, 1, 3), "cpu") == torch.contiguous_format
+    m = get_method("unet3d")(1, 2, params=TINY3D, device="cpu")
+    assert m.nets["seg"].down[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 @pytest.mark.parametrize(
     ("depth", "spacing", "levels", "expect"),
     [
