@@ -40,6 +40,16 @@ def _wait(app, until, timeout=1800):
         time.sleep(0.01)
 
 
+def _shoot(app, viewer, name, *, canvas_only, show=(), hide=()):
+    """Hide then show the named layers, let the canvas redraw and save ``IMG / name``."""
+    for layer in hide:
+        viewer.layers[layer].visible = False
+    for layer in show:
+        viewer.layers[layer].visible = True
+    _wait(app, lambda: True)
+    viewer.screenshot(str(IMG / name), canvas_only=canvas_only)
+
+
 def _train(app, w, method, steps, params=None, scratch=True):
     w.method_combo.setCurrentText(method)
     for k, v in (params or {}).items():
@@ -94,17 +104,13 @@ def main(argv=None):
         _train(app, w, "supervised", args.steps)
         if "phantom uncertainty" in viewer.layers:  # from the embedded suggestion list
             viewer.layers["phantom uncertainty"].visible = False
-        viewer.layers["phantom labels"].visible = False
         viewer.layers.selection.active = viewer.layers["phantom prediction"]
-        _wait(app, lambda: True)
-        viewer.screenshot(str(IMG / "prediction.png"), canvas_only=False)
-        viewer.layers["phantom probability"].visible = True
-        viewer.layers["phantom prediction"].visible = False
-        _wait(app, lambda: True)
-        viewer.screenshot(str(IMG / "probability.png"), canvas_only=True)
+        _shoot(app, viewer, "prediction.png", canvas_only=False, hide=["phantom labels"])
+        _shoot(app, viewer, "probability.png", canvas_only=True, show=["phantom probability"],
+               hide=["phantom prediction"])
+        for name in ("phantom prediction", "phantom labels"):
+            viewer.layers[name].visible = True
         viewer.layers["phantom probability"].visible = False
-        viewer.layers["phantom prediction"].visible = True
-        viewer.layers["phantom labels"].visible = True
 
     if "translation" not in list_methods():
         print("translation is not registered: residual/sample screenshots skipped")
@@ -122,14 +128,9 @@ def main(argv=None):
     for name in ("prediction", "probability", "healthy", "uncertainty"):
         if f"phantom {name}" in viewer.layers:
             viewer.layers[f"phantom {name}"].visible = False
-    viewer.layers["phantom residual"].visible = True
     viewer.layers.selection.active = viewer.layers["phantom residual"]
-    _wait(app, lambda: True)
-    viewer.screenshot(str(IMG / "residual.png"), canvas_only=False)
-    viewer.layers["phantom residual"].visible = False
-    viewer.layers["phantom healthy"].visible = True
-    _wait(app, lambda: True)
-    viewer.screenshot(str(IMG / "healthy.png"), canvas_only=True)
+    _shoot(app, viewer, "residual.png", canvas_only=False, show=["phantom residual"])
+    _shoot(app, viewer, "healthy.png", canvas_only=True, show=["phantom healthy"], hide=["phantom residual"])
     viewer.layers["phantom healthy"].visible = False
     w.samples_spin.setValue(4)
     w.sample_button.click()
