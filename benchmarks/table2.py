@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--figure-model", type=Path, metavar="PT",
                    help="draw --figure from this saved translation model instead of training one")
     args = p.parse_args(argv)
+    if args.figure_model and not args.figure:
+        p.error("--figure-model draws --figure: give --figure PNG too")
     if args.report:
         print(report(args.out))
         return 0

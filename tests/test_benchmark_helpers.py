@@ -135,3 +135,20 @@ def test_save_models_keeps_the_scored_model(tmp_path):
     mask = semiseg.predict_volume(model, sample.image, probabilities=False)["mask"]
     dice = dice_per_class(mask, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]
     assert round(dice, 4) == row["dice"]
+
+
+def test_figure_model_refuses_a_model_of_another_method_and_a_missing_figure(tmp_path):
+    import table2
+
+    import semiseg
+
+    s = semiseg.make_sample("digits", seed=0, labelled=2)
+    model = semiseg.train(s.image, s.labels, method="supervised", params={"features": (4, 8)}, device="cpu",
+                          config=semiseg.TrainConfig(steps=1, batch_size=2, crop=16))
+    pt = tmp_path / "supervised.pt"
+    model.save(pt)
+    with pytest.raises(SystemExit, match="holds a supervised model, not translation"):
+        table2.main(["--figure", str(tmp_path / "f.png"), "--figure-model", str(pt)])
+    assert not (tmp_path / "f.png").exists()
+    with pytest.raises(SystemExit):  # argparse's usage error (exit 2)
+        table2.main(["--figure-model", str(pt)])
