@@ -152,3 +152,24 @@ def test_figure_model_refuses_a_model_of_another_method_and_a_missing_figure(tmp
     assert not (tmp_path / "f.png").exists()
     with pytest.raises(SystemExit):  # argparse's usage error (exit 2)
         table2.main(["--figure-model", str(pt)])
+
+
+def test_tumour_table_reads_contrast_cut_and_shown_cross_section():
+    from unseen_tumours import tumour_table, unseen_contrast_share
+
+    image = np.full((6, 12, 12), 100.0)
+    truth = np.zeros(image.shape, np.uint8)
+    truth[0:3, 1:4, 1:4] = 1  # bright, largest cross-section 9 on slices 0-2
+    truth[1, 2, 2] = 1
+    image[truth > 0] = 150.0
+    truth[4:6, 7:11, 7:11] = 1  # dark, never on an annotated slice
+    image[4:6, 7:11, 7:11] = 50.0
+    truth[3, 1, 1] = 1  # a 1-voxel tip of the bright one, on the only annotated slice
+    image[3, 1, 1] = 150.0
+    annotated = np.zeros(6, bool)
+    annotated[3] = True
+    rows = tumour_table(image, truth, annotated)
+    assert [(r["sign"], r["seen"], r["voxels"]) for r in rows] == [(1, True, 27), (-1, False, 32)]
+    assert rows[0]["area_shown"] == pytest.approx(1 / 9)
+    assert unseen_contrast_share(rows) == pytest.approx(32 / 59)
+    assert np.isnan(unseen_contrast_share([]))

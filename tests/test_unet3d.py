@@ -106,6 +106,29 @@ def test_unet3d_shapes(shape, features, pools):
     assert net(torch.zeros(shape)).shape == (shape[0], 3, *shape[2:])
 
 
+def test_inplane_levels_convolve_within_each_slice_at_the_top_levels():
+    torch.manual_seed(0)
+    net = UNet3D(1, 2, features=(4, 8, 16), inplane_levels=1)
+    kernels = [block[0].kernel_size for block in net.down] + [block[0].kernel_size for block in net.up]
+    assert kernels == [(1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (1, 3, 3)]
+    # With every level in-plane (in-plane pooling, no instance norm over the patch) a
+    # slice's logits ignore its neighbours.
+    flat = UNet3D(1, 2, features=(4, 8), pools=[(1, 2, 2)], inplane_levels=2, norm="none").eval()
+    x = torch.randn(1, 1, 5, 16, 16)
+    y = x.clone()
+    y[:, :, 0] += 1.0
+    torch.testing.assert_close(flat(x)[:, :, 1:], flat(y)[:, :, 1:])
+    assert not torch.allclose(net.eval()(x)[:, :, 1:], net(y)[:, :, 1:])
+    with pytest.raises(ValueError, match="inplane_levels"):
+        UNet3D(1, 2, features=(4, 8), inplane_levels=3)
+
+
+def test_inplane_levels_is_a_method_parameter_saved_with_the_model():
+    m = get_method("unet3d")(1, 2, params={**TINY3D, "inplane_levels": 1}, device="cpu")
+    assert m.nets["seg"].down[0][0].kernel_size == (1, 3, 3)
+    assert m.params.inplane_levels == 1
+
+
 def test_channels_last_3d_gives_the_contiguous_networks_numbers():
     torch.manual_seed(0)
     plain = UNet3D(1, 2, features=(4, 8, 16), channels_last=False)

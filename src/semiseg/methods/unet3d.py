@@ -35,6 +35,8 @@ class UNet3DParams(MethodParams):
         Weights of the soft Dice and cross-entropy terms.
     norm : str
         Normalisation (``instance``, ``batch``, ``group``, ``none``).
+    inplane_levels : int
+        Levels (from the full-resolution one) that convolve in-plane only (1x3x3 kernels).
     weight_decay : float
         AdamW weight decay.
     """
@@ -46,6 +48,7 @@ class UNet3DParams(MethodParams):
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     norm: str = "instance"
+    inplane_levels: int = 0
     weight_decay: float = 1e-4
 
 
@@ -161,7 +164,8 @@ class UNet3DSparse(Method):
     def build(self) -> None:
         p = self.params
         self.nets["seg"] = UNet3D(
-            self.in_channels, self.num_classes, features=p.features, pools=self.pooling(), norm=p.norm
+            self.in_channels, self.num_classes, features=p.features, pools=self.pooling(), norm=p.norm,
+            inplane_levels=p.inplane_levels,
         )
 
     def make_optimizers(self) -> None:
