@@ -88,7 +88,7 @@ def main(argv=None) -> None:
                 annotated[s.annotated] = True
                 rows = tumour_table(s.image, s.truth, annotated)
                 desc = ", ".join(
-                    f"{'+' if r['sign'] > 0 else '−'} {r['area_shown']:.0%} {r['voxels']}" for r in rows
+                    f"{'+' if r['sign'] > 0 else '-'} {r['area_shown']:.0%} {r['voxels']}" for r in rows
                 )
                 print(f"| {placement} | {k} | {seed} | {desc} | {unseen_contrast_share(rows):.0%} |")
 
