@@ -44,7 +44,7 @@ def test_each_preset_of_each_method_builds_and_trains_two_steps(name, preset):
 
 
 def test_paper_preset_differs_from_the_cpu_defaults_where_it_is_declared():
-    for name in ("translation", "cyclegan", "pyramid-gan", "semantic-gan"):
+    for name in ("translation", "cyclegan", "pyramid-gan", "semantic-gan", "unet3d"):
         cls = get_method(name)
         paper = cls.parse_params(cls.preset_params("paper"))
         assert paper != cls.Params(), name

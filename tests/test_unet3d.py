@@ -123,10 +123,24 @@ def test_inplane_levels_convolve_within_each_slice_at_the_top_levels():
         UNet3D(1, 2, features=(4, 8), inplane_levels=3)
 
 
-def test_inplane_levels_is_a_method_parameter_saved_with_the_model():
+def test_inplane_levels_is_a_method_parameter_saved_with_the_model(tmp_path):
+    import json
+
     m = get_method("unet3d")(1, 2, params={**TINY3D, "inplane_levels": 1}, device="cpu")
     assert m.nets["seg"].down[0][0].kernel_size == (1, 3, 3)
     assert m.params.inplane_levels == 1
+    assert get_method("unet3d").Params().inplane_levels == 2  # the measured default
+    # A file written before the parameter existed holds the all-3x3x3 network and still loads.
+    old = get_method("unet3d")(1, 2, params={**TINY3D, "inplane_levels": 0}, device="cpu")
+    path = Model(old, Normaliser.fit(np.zeros((2, 4, 4), np.float32))).save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    cfg = json.loads(payload["config"])
+    del cfg["params"]["inplane_levels"]
+    payload["config"] = json.dumps(cfg)
+    torch.save(payload, path)
+    loaded = Model.load(path)
+    assert loaded.method.params.inplane_levels == 0
+    assert loaded.method.nets["seg"].down[0][0].kernel_size == (3, 3, 3)
 
 
 def test_channels_last_3d_gives_the_contiguous_networks_numbers():
