@@ -133,6 +133,73 @@ def test_generator_shapes_and_style_count():
     assert img.shape == (5, 2, 32, 32) and seg.shape == (5, 3, 32, 32)
 
 
+def test_generator_renders_from_given_features_at_one_resolution():
+    torch.manual_seed(0)
+    g = SemanticStyleGenerator(1, 2, size=32, latent_dim=8, features=(4, 8))
+    assert g.channels_at(16) == 8 and g.channels_at(32) == 4
+    ws = torch.randn(2, g.num_ws, 8)
+    feats = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        img, seg = g.synthesis(ws, "zero", feats)
+        # The features replace what the generator's own convolutions at 16 computed: changing
+        # those leaves the output as it was, and changes it without features.
+        own_img, _ = g.synthesis(ws, "zero")
+        g.convs[4].conv.weight.mul_(-1)
+        img_b, seg_b = g.synthesis(ws, "zero", feats)
+        own_img_b, _ = g.synthesis(ws, "zero")
+        # A local change of the features changes the labels near it only.
+        moved = feats.clone()
+        moved[:, :, :4, :4] += 5
+        _, seg_m = g.synthesis(ws, "zero", moved)
+    torch.testing.assert_close(img_b, img)
+    torch.testing.assert_close(seg_b, seg)
+    assert not torch.allclose(own_img_b, own_img)
+    diff = (seg_m - seg).abs().sum((0, 1))
+    assert diff[:8, :8].sum() > 0 and diff[20:, 20:].sum() == 0
+    with pytest.raises(ValueError, match="features must be"):
+        g.synthesis(ws, "zero", torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="resolution 12"):
+        g.synthesis(ws, "zero", torch.randn(2, 8, 12, 12))
+
+
+def test_spatial_code_reaches_the_labels_and_the_paper_preset_has_none():
+    m = make()
+    assert m.params.spatial_res == 16
+    ws, feats = m.encode(torch.randn(3, 1, 32, 32))
+    assert ws.shape == (3, m.nets["gen"].num_ws, 16) and feats.shape == (3, 16, 16, 16)
+    # The encoder's supervised loss trains its spatial head (the label's spatial path).
+    enc = m.nets["enc"]
+    enc.zero_grad(set_to_none=True)
+    b = batch()
+    m.encoder_loss_terms(b["unlabelled"], b["labelled"], b["mask"])["dice_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.spatial.parameters())
+
+    cls = get_method("semantic-gan")
+    paper = cls.parse_params(cls.preset_params("paper"))
+    assert paper.spatial_res == 0
+    plain = make(spatial_res=0)
+    assert plain.nets["enc"].spatial is None and plain.encode(torch.randn(1, 1, 32, 32))[1] is None
+    for bad in (3, 12, 64):
+        with pytest.raises(ValueError, match="spatial_res"):
+            make(spatial_res=bad)
+
+
+def test_model_files_from_before_the_spatial_code_load_without_it(tmp_path):
+    import json
+
+    from semiseg.data import Normaliser
+
+    old = make(spatial_res=0)
+    path = Model(old, Normaliser.fit(np.zeros((2, 4, 4), np.float32))).save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    cfg = json.loads(payload["config"])
+    del cfg["params"]["spatial_res"]  # as written before the parameter existed
+    payload["config"] = json.dumps(cfg)
+    torch.save(payload, path)
+    loaded = Model.load(path)
+    assert loaded.method.params.spatial_res == 0 and loaded.method.nets["enc"].spatial is None
+
+
 # ----------------------------------------------------------------------------- stop-gradient
 def _grads(net):
     return {n: (p.grad is not None and bool(p.grad.abs().sum() > 0)) for n, p in net.named_parameters()}

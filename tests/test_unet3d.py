@@ -129,7 +129,14 @@ def test_inplane_levels_is_a_method_parameter_saved_with_the_model(tmp_path):
     m = get_method("unet3d")(1, 2, params={**TINY3D, "inplane_levels": 1}, device="cpu")
     assert m.nets["seg"].down[0][0].kernel_size == (1, 3, 3)
     assert m.params.inplane_levels == 1
-    assert get_method("unet3d").Params().inplane_levels == 2  # the measured default
+    assert get_method("unet3d").Params().inplane_levels == 3  # the measured default
+    # The coarsest level always convolves in 3D: the default on a two-level network, or any
+    # larger value, means "all but the coarsest".
+    for given in ({}, {"inplane_levels": 5}):
+        two = get_method("unet3d")(1, 2, params={**TINY3D, **given}, device="cpu").nets["seg"]
+        assert two.down[0][0].kernel_size == (1, 3, 3) and two.down[1][0].kernel_size == (3, 3, 3)
+    four = get_method("unet3d")(1, 2, device="cpu").nets["seg"]
+    assert [level[0].kernel_size for level in four.down] == [(1, 3, 3)] * 3 + [(3, 3, 3)]
     # A file written before the parameter existed holds the all-3x3x3 network and still loads.
     old = get_method("unet3d")(1, 2, params={**TINY3D, "inplane_levels": 0}, device="cpu")
     path = Model(old, Normaliser.fit(np.zeros((2, 4, 4), np.float32))).save(tmp_path / "old.pt")

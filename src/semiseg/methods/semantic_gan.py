@@ -179,6 +179,11 @@ class SemanticGANParams(MethodParams):
         ``lambda_2`` of Eq. (7), the encoder-consistency regulariser.
     tto_batch : int
         Tiles inverted together.
+    spatial_res : int
+        Resolution (a power of two from 4 to ``size``; 0: none, the paper) at which the encoder also predicts the
+        generator's activations (a spatial code beside W+, as the Feature-Style Encoder), so
+        a label's position need not pass through the 1-D W+ code (CPU default 16; ``paper``
+        preset 0). Generated samples never use it.
     """
 
     lr: float = 2e-3
@@ -200,6 +205,7 @@ class SemanticGANParams(MethodParams):
     tto_lr: float = 0.1
     tto_encoder_weight: float = 1e-3
     tto_batch: int = 64
+    spatial_res: int = 16
 
 
 @register_method
@@ -233,7 +239,9 @@ class SemanticGAN(Method):
     outputs = {"reconstruction": "image"}
     can_sample = True
     #: The earlier defaults (StyleGAN2's widths scaled to 16..128); CPU default halves them.
-    presets = {"cpu": {}, "paper": {"features": (16, 32, 64, 128)}}
+    presets = {"cpu": {}, "paper": {"features": (16, 32, 64, 128), "spatial_res": 0}}
+    #: Model files from before the spatial code encoded W+ alone.
+    legacy_params = {"spatial_res": 0}
 
     def build(self) -> None:
         p = self.params
@@ -241,14 +249,17 @@ class SemanticGAN(Method):
             raise ValueError(f"size must be a power of two >= 8, got {p.size}")
         if p.r1_every < 1 or p.tto_steps < 0 or p.tto_batch < 1:
             raise ValueError("r1_every and tto_batch must be >= 1, tto_steps >= 0")
+        if p.spatial_res and (p.spatial_res < 4 or p.spatial_res > p.size or p.spatial_res & (p.spatial_res - 1)):
+            raise ValueError(f"spatial_res must be 0 or a power of two from 4 to size ({p.size}), got {p.spatial_res}")
         c, k = self.in_channels, self.num_classes
-        self.nets["gen"] = SemanticStyleGenerator(
+        gen = self.nets["gen"] = SemanticStyleGenerator(
             c, k, size=p.size, latent_dim=p.latent_dim, features=p.features, mapping_layers=p.mapping_layers
         )
         self.nets["d_img"] = ImageDiscriminator(c, size=p.size, features=p.features)
         self.nets["d_seg"] = MultiScalePatchDiscriminator(c + k, features=p.features[0], scales=p.scales)
         self.nets["enc"] = WPlusEncoder(
-            c, size=p.size, num_ws=self.nets["gen"].num_ws, latent_dim=p.latent_dim, features=p.features
+            c, size=p.size, num_ws=gen.num_ws, latent_dim=p.latent_dim, features=p.features,
+            spatial_res=p.spatial_res, spatial_channels=gen.channels_at(p.spatial_res) if p.spatial_res else 0,
         )
         #: Side of the training crops seen so far (sets the pixel scale at prediction).
         self.train_crop = p.size
@@ -292,9 +303,11 @@ class SemanticGAN(Method):
     def _z(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.params.latent_dim, generator=generator).to(self.device)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, size, size)`` -> W+ codes ``(B, num_ws, latent_dim)``."""
-        return self.nets["gen"].w_avg + self.nets["enc"](x)
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, C, size, size)`` -> W+ codes ``(B, num_ws, latent_dim)`` and the spatial code
+        ``(B, channels, spatial_res, spatial_res)`` (``None`` without ``spatial_res``)."""
+        offsets, features = self.nets["enc"].encode(x)
+        return self.nets["gen"].w_avg + offsets, features
 
     def reconstruction_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image ``ssim_weight (1 - SSIM) + mse_weight MSE`` (the LPIPS + L2 substitute), (B,)."""
@@ -349,7 +362,8 @@ class SemanticGAN(Method):
         gen = self.nets["gen"]
         with self.autocast():
             x = torch.cat([images, lab_img]) if images is not None else lab_img
-            rec, seg = gen.synthesis(self.encode(x), "zero")
+            ws, features = self.encode(x)
+            rec, seg = gen.synthesis(ws, "zero", features)
         nl = lab_img.shape[0]
         logits = seg[-nl:].float()
         return {
@@ -422,7 +436,8 @@ class SemanticGAN(Method):
         Encoder initialisation, then ``steps`` Adam steps on W+ minimising
         ``recon(x, G_x(w+)) + tto_encoder_weight * ||w+ - sg(E(G_x(w+)))||^2`` (Eq. 7 of [1]_,
         with the encoder output detached as in the authors' code) under the authors' cosine
-        learning-rate ramp.
+        learning-rate ramp. With ``spatial_res`` the encoder's spatial code stays fixed: only
+        W+ is optimised.
 
         Returns
         -------
@@ -435,7 +450,8 @@ class SemanticGAN(Method):
         gen, enc = self.nets["gen"], self.nets["enc"]
         steps = p.tto_steps if steps is None else int(steps)
         with torch.no_grad(), self.autocast():
-            ws = self.encode(tiles).float()
+            ws, features = self.encode(tiles)
+            ws = ws.float()
         if steps > 0:
             with torch.enable_grad():
                 ws = ws.detach().clone().requires_grad_(True)
@@ -446,7 +462,7 @@ class SemanticGAN(Method):
                     ramp = (0.5 - 0.5 * math.cos(ramp * math.pi)) * min(1.0, t / 0.05)
                     opt.param_groups[0]["lr"] = p.tto_lr * ramp
                     with self.autocast():
-                        img, _ = gen.synthesis(ws, "zero")
+                        img, _ = gen.synthesis(ws, "zero", features)
                         loss = self.reconstruction_loss(img, tiles).sum()
                         if p.tto_encoder_weight:
                             target = (gen.w_avg + enc(img)).detach().float()
@@ -456,7 +472,7 @@ class SemanticGAN(Method):
                     opt.step()
             ws = ws.detach()
         with torch.no_grad(), self.autocast():
-            img, seg = gen.synthesis(ws, "zero")
+            img, seg = gen.synthesis(ws, "zero", features)
         return ws, img.float(), seg.float()
 
     def predict(self, x, *, tto_steps: int | None = None):

@@ -36,8 +36,11 @@ class UNet3DParams(MethodParams):
     norm : str
         Normalisation (``instance``, ``batch``, ``group``, ``none``).
     inplane_levels : int
-        Levels (from the full-resolution one) that convolve in-plane only (1x3x3 kernels); 2
-        by default, measured in ``docs/benchmarks.md`` (issue 19); 0 is the paper's network.
+        Levels (from the full-resolution one) that convolve in-plane only (1x3x3 kernels),
+        at most all but the coarsest, which always convolves in 3D (a larger value means that);
+        3 by default, so with the default four levels only the coarsest is 3D (measured in
+        ``docs/benchmarks.md``, issue 19, on the phantom, head and nuclei); 0 is the paper's
+        network.
     weight_decay : float
         AdamW weight decay.
     """
@@ -49,7 +52,7 @@ class UNet3DParams(MethodParams):
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     norm: str = "instance"
-    inplane_levels: int = 2
+    inplane_levels: int = 3
     weight_decay: float = 1e-4
 
 
@@ -171,7 +174,7 @@ class UNet3DSparse(Method):
         p = self.params
         self.nets["seg"] = UNet3D(
             self.in_channels, self.num_classes, features=p.features, pools=self.pooling(), norm=p.norm,
-            inplane_levels=p.inplane_levels,
+            inplane_levels=min(p.inplane_levels, len(p.features) - 1),
         )
 
     def make_optimizers(self) -> None:

@@ -261,8 +261,19 @@ class SemanticStyleGenerator(nn.Module):
             out += [torch.randn(batch, 1, r, r, generator=generator) for _ in range(2)]
         return [n.to(device) for n in out]
 
-    def synthesis(self, ws: torch.Tensor, noise: str | list[torch.Tensor] = "random") -> tuple[torch.Tensor, torch.Tensor]:
-        """Render from W+.
+    def channels_at(self, res: int) -> int:
+        """Channels of the activations at resolution ``res`` (one of :attr:`resolutions`)."""
+        if res not in self.resolutions:
+            raise ValueError(f"resolution {res} is not one of {self.resolutions}")
+        return int(self.convs[2 * self.resolutions.index(res)].conv.weight.shape[0])
+
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        noise: str | list[torch.Tensor] = "random",
+        features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render from W+, optionally from given activations at one resolution.
 
         Parameters
         ----------
@@ -270,6 +281,10 @@ class SemanticStyleGenerator(nn.Module):
             Style vectors (one ``w`` is broadcast to every layer).
         noise : ``"random"``, ``"zero"`` or list of Tensor
             Noise inputs: fresh draws, none, or given maps (see :meth:`make_noise`).
+        features : (B, channels_at(r), r, r) Tensor, optional
+            Activations that replace the generator's own at resolution ``r`` (after its two
+            styled convolutions there), as an encoder's spatial code does (Feature-Style
+            Encoder, Yao et al., ECCV 2022); the layers above ``r`` render from them.
 
         Returns
         -------
@@ -281,18 +296,30 @@ class SemanticStyleGenerator(nn.Module):
         if ws.shape[1] != self.num_ws:
             raise ValueError(f"expected {self.num_ws} style vectors, got {ws.shape[1]}")
         b = ws.shape[0]
+        at = None
+        if features is not None:
+            at = int(features.shape[-1])
+            if features.shape != (b, self.channels_at(at), at, at):
+                raise ValueError(
+                    f"features must be (B, {self.channels_at(at)}, {at}, {at}) at resolution {at}, "
+                    f"got {tuple(features.shape)}"
+                )
         if noise == "random":
             noise = self.make_noise(b, device=ws.device)
         elif noise == "zero":
             noise = [None] * len(self.convs)
         x = self.const.expand(b, -1, -1, -1)
         x = self.convs[0](x, ws[:, 0], noise[0])
+        if at == 4:
+            x = features.to(x.dtype)
         img = self.img_branch[0](x, ws[:, 1], None)
         seg = self.seg_branch[0](x, ws[:, 1], None)
         i = 1
         for k in range(1, len(self.resolutions)):
             x = self.convs[2 * k - 1](x, ws[:, i], noise[2 * k - 1])
             x = self.convs[2 * k](x, ws[:, i + 1], noise[2 * k])
+            if at == self.resolutions[k]:
+                x = features.to(x.dtype)
             img = self.img_branch[k](x, ws[:, i + 2], img)
             seg = self.seg_branch[k](x, ws[:, i + 2], seg)
             i += 2
@@ -414,9 +441,30 @@ class WPlusEncoder(nn.Module):
     num_ws, latent_dim : int
         Shape of the W+ code.
     features : sequence of int
+    spatial_res, spatial_channels : int
+        With ``spatial_res`` (a power of two up to ``size``; 0: none), a second head reads a
+        spatial code of ``spatial_channels`` channels from the feature pyramid at that level,
+        extended top-down beyond 16 where it is finer (:meth:`encode`):
+        the generator's activations at that resolution, as in the Feature-Style Encoder [5]_,
+        so labels need not pass through the 1-D W+ code alone.
+
+    References
+    ----------
+    .. [5] X. Yao, A. Newson, Y. Gousseau, P. Hellier, "A style-based GAN encoder for high
+       fidelity reconstruction of images and videos" (Feature-Style Encoder), ECCV 2022.
     """
 
-    def __init__(self, in_channels: int, *, size: int, num_ws: int, latent_dim: int, features: Sequence[int] = (16, 32, 64, 128)):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        size: int,
+        num_ws: int,
+        latent_dim: int,
+        features: Sequence[int] = (16, 32, 64, 128),
+        spatial_res: int = 0,
+        spatial_channels: int = 0,
+    ):
         super().__init__()
         self.size = _check_size(size)
         self.num_ws, self.latent_dim = int(num_ws), int(latent_dim)
@@ -428,8 +476,16 @@ class WPlusEncoder(nn.Module):
             self.down.append(nn.Conv2d(ch[res], ch[res // 2], 3, stride=2, padding=1))
             res //= 2
         self.levels = [r for r in (4, 8, 16) if r <= size]
+        self.spatial_res = int(spatial_res)
+        if self.spatial_res and (self.spatial_res not in ch or spatial_channels < 1):
+            raise ValueError(
+                f"spatial_res must be a power of two from 4 to size ({size}), 0: none, with "
+                f"spatial_channels >= 1; got {spatial_res} and {spatial_channels}"
+            )
+        # The top-down pyramid runs over the W+ levels and on to a finer spatial code's level.
+        self.pyramid_levels = self.levels + [r for r in sorted(ch) if 16 < r <= self.spatial_res]
         width = ch[4]
-        self.lateral = nn.ModuleDict({str(r): nn.Conv2d(ch[r], width, 1) for r in self.levels})
+        self.lateral = nn.ModuleDict({str(r): nn.Conv2d(ch[r], width, 1) for r in self.pyramid_levels})
         groups = [list(g) for g in torch.arange(num_ws).tensor_split(len(self.levels))]
         self.groups = [len(g) for g in groups]
         self.heads = nn.ModuleList()
@@ -441,9 +497,28 @@ class WPlusEncoder(nn.Module):
                 rr //= 2
             mods += [nn.Flatten(), nn.Linear(width * 16, n * latent_dim)]
             self.heads.append(nn.Sequential(*mods))
+        self.spatial = None
+        if self.spatial_res:
+            self.spatial = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, int(spatial_channels), 3, padding=1)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, size, size) -> (B, num_ws, latent_dim)`` offsets from ``w_avg``."""
+        return self.encode(x)[0]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W+ offsets and, with ``spatial_res``, the spatial code.
+
+        Returns
+        -------
+        codes : (B, num_ws, latent_dim) Tensor
+            Offsets from the generator's ``w_avg``.
+        features : (B, spatial_channels, spatial_res, spatial_res) Tensor or None
+            Activations for the generator's resolution ``spatial_res``
+            (:meth:`SemanticStyleGenerator.synthesis` ``features``), read from the feature
+            pyramid at that level; ``None`` without ``spatial_res``.
+        """
         x = F.leaky_relu(self.stem(x), 0.2)
         feats = {x.shape[-1]: x}
         for conv in self.down:
@@ -451,9 +526,10 @@ class WPlusEncoder(nn.Module):
             feats[x.shape[-1]] = x
         p = None
         pyramid = {}
-        for r in self.levels:  # coarse to fine
+        for r in self.pyramid_levels:  # coarse to fine
             lat = self.lateral[str(r)](feats[r])
             p = lat if p is None else lat + F.interpolate(p, scale_factor=2, mode="bilinear", align_corners=False)
             pyramid[r] = p
         codes = [head(pyramid[r]).reshape(x.shape[0], n, self.latent_dim) for r, n, head in zip(self.levels, self.groups, self.heads)]
-        return torch.cat(codes, 1)
+        spatial = None if self.spatial is None else self.spatial(pyramid[self.spatial_res])
+        return torch.cat(codes, 1), spatial
