@@ -173,3 +173,18 @@ def test_tumour_table_reads_contrast_cut_and_shown_cross_section():
     assert rows[0]["area_shown"] == pytest.approx(1 / 9)
     assert unseen_contrast_share(rows) == pytest.approx(32 / 59)
     assert np.isnan(unseen_contrast_share([]))
+
+
+def test_walk_refinement_grows_a_confident_core_to_the_image_edge_and_no_further():
+    from walk_refinement import refine_slice
+
+    yy, xx = np.mgrid[:40, :40]
+    disc = (yy - 20) ** 2 + (xx - 20) ** 2 <= 8**2
+    image = np.where(disc, 1.0, -1.0) + np.random.default_rng(0).normal(0, 0.05, disc.shape)
+    core = (yy - 20) ** 2 + (xx - 20) ** 2 <= 4**2
+    prob = np.where(core, 0.99, 0.02)  # a network that found the disc but drew it too small
+    grown = refine_slice(image, prob, threshold=0.95, band=8, beta=130)
+    assert (grown == disc).mean() > 0.99
+    # No confident pixel: the network's own prediction (probability >= 0.5) stands.
+    assert refine_slice(image, np.full(disc.shape, 0.6), threshold=0.95, band=8, beta=130).all()
+    assert not refine_slice(image, np.full(disc.shape, 0.2), threshold=0.95, band=8, beta=130).any()
