@@ -9,7 +9,9 @@ Deviations from [1]_ (see ``docs/methods.md``): one joint training loop (generat
 discriminators and encoder are all updated in every step, the encoder against the current
 generator) instead of two stages; SSIM + L2 instead of LPIPS (no pretrained VGG weights here);
 a compact generator without style mixing, path-length regulariser or EMA copy; ``D_m`` sees the
-label branch as ``2 softmax - 1`` (real masks as ``2 one_hot - 1``) rather than raw logits.
+label branch as ``2 softmax - 1`` (real masks as ``2 one_hot - 1``) rather than raw logits;
+on the CPU the encoder also predicts the generator's 16 x 16 activations (``spatial_res``, a
+spatial code beside W+ as in the Feature-Style Encoder of Yao et al., ECCV 2022).
 
 References
 ----------
@@ -180,10 +182,10 @@ class SemanticGANParams(MethodParams):
     tto_batch : int
         Tiles inverted together.
     spatial_res : int
-        Resolution (a power of two from 4 to ``size``; 0: none, the paper) at which the encoder also predicts the
-        generator's activations (a spatial code beside W+, as the Feature-Style Encoder), so
-        a label's position need not pass through the 1-D W+ code (CPU default 16; ``paper``
-        preset 0). Generated samples never use it.
+        Resolution (a power of two from 4 to ``size``; 0: none, the paper) at which the
+        encoder also predicts the generator's activations (a spatial code beside W+, as the
+        Feature-Style Encoder), so a label's position need not pass through the 1-D W+ code
+        (CPU default 16; ``paper`` preset 0). Generated samples never use it.
     """
 
     lr: float = 2e-3
@@ -219,7 +221,8 @@ class SemanticGAN(Method):
     from ``D_m`` (Sec. 3.4 of [1]_).
 
     Prediction resizes slices so a training crop maps to ``size`` pixels, cuts overlapping
-    ``size x size`` tiles, encodes them (``w+ = w_avg + E(x)``), optionally runs ``tto_steps``
+    ``size x size`` tiles, encodes them (``w+ = w_avg + E(x)``, with ``spatial_res`` also the
+    spatial code that replaces the generator's activations there), optionally runs ``tto_steps``
     of Adam on ``w+`` minimising ``recon(x, G_x(w+)) + lambda_2 ||w+ - E(G_x(w+))||^2`` and
     reads ``softmax(G_y(w+))``; tiles are blended back. Extra output ``reconstruction`` is
     ``G_x(w+)``. :meth:`sample_tumours` returns images of random latents (not conditioned on

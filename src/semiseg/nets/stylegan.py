@@ -500,7 +500,9 @@ class WPlusEncoder(nn.Module):
         self.spatial = None
         if self.spatial_res:
             self.spatial = nn.Sequential(
-                nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, int(spatial_channels), 3, padding=1)
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(width, int(spatial_channels), 3, padding=1),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
