@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     prob = res["probabilities"][1]
     image = np.asarray(sample.image, np.float32)
     image = (image - image.mean()) / image.std()
-    unannotated = [z for z in range(len(image)) if z not in set(sample.annotated)]
+    annotated = set(sample.annotated)
+    unannotated = [z for z in range(len(image)) if z not in annotated]
 
     def dice(mask):
         return round(float(dice_per_class(mask, sample.truth, classes=[1], exclude_slices=sample.annotated)[1]), 4)

@@ -165,8 +165,13 @@ def test_generator_renders_from_given_features_at_one_resolution():
 def test_spatial_code_reaches_the_labels_and_the_paper_preset_has_none():
     m = make()
     assert m.params.spatial_res == 16
-    ws, feats = m.encode(torch.randn(3, 1, 32, 32))
+    x = torch.randn(3, 1, 32, 32)
+    ws, feats = m.encode(x)
     assert ws.shape == (3, m.nets["gen"].num_ws, 16) and feats.shape == (3, 16, 16, 16)
+    # The W+ code alone (what test-time optimisation asks for) is the same without the spatial head.
+    with torch.no_grad():
+        torch.testing.assert_close(m.nets["gen"].w_avg + m.nets["enc"](x), m.encode(x)[0])
+    assert m.nets["enc"].encode(x, spatial=False)[1] is None
     # The encoder's supervised loss trains its spatial head (the label's spatial path).
     enc = m.nets["enc"]
     enc.zero_grad(set_to_none=True)

@@ -506,11 +506,12 @@ class WPlusEncoder(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, size, size) -> (B, num_ws, latent_dim)`` offsets from ``w_avg``."""
-        return self.encode(x)[0]
+        """``(B, C, size, size) -> (B, num_ws, latent_dim)`` offsets from ``w_avg`` (no spatial
+        code is computed: test-time optimisation calls this at every step)."""
+        return self.encode(x, spatial=False)[0]
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W+ offsets and, with ``spatial_res``, the spatial code.
+    def encode(self, x: torch.Tensor, *, spatial: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W+ offsets and, with ``spatial_res`` and ``spatial``, the spatial code.
 
         Returns
         -------
@@ -519,8 +520,9 @@ class WPlusEncoder(nn.Module):
         features : (B, spatial_channels, spatial_res, spatial_res) Tensor or None
             Activations for the generator's resolution ``spatial_res``
             (:meth:`SemanticStyleGenerator.synthesis` ``features``), read from the feature
-            pyramid at that level; ``None`` without ``spatial_res``.
+            pyramid at that level; ``None`` without ``spatial_res`` or with ``spatial=False``.
         """
+        spatial = spatial and self.spatial is not None
         x = F.leaky_relu(self.stem(x), 0.2)
         feats = {x.shape[-1]: x}
         for conv in self.down:
@@ -528,10 +530,10 @@ class WPlusEncoder(nn.Module):
             feats[x.shape[-1]] = x
         p = None
         pyramid = {}
-        for r in self.pyramid_levels:  # coarse to fine
+        for r in self.pyramid_levels if spatial else self.levels:  # coarse to fine
             lat = self.lateral[str(r)](feats[r])
             p = lat if p is None else lat + F.interpolate(p, scale_factor=2, mode="bilinear", align_corners=False)
             pyramid[r] = p
         codes = [head(pyramid[r]).reshape(x.shape[0], n, self.latent_dim) for r, n, head in zip(self.levels, self.groups, self.heads)]
-        spatial = None if self.spatial is None else self.spatial(pyramid[self.spatial_res])
-        return torch.cat(codes, 1), spatial
+        features = self.spatial(pyramid[self.spatial_res]) if spatial else None
+        return torch.cat(codes, 1), features
