@@ -130,7 +130,8 @@ def run_regimes(method, sample_kind, regimes, seed, args, params) -> list[dict]:
     sample = semiseg.make_sample(sample_kind, seed=seed, labelled=k0, placement=placement0)
     config = semiseg.TrainConfig(
         steps=args.steps, minutes=args.minutes, clock=args.clock, seed=seed,
-        batch_size=args.batch_size, crop=args.crop if sample_kind != "digits" else min(args.crop, 48),
+        batch_size=args.batch_size,
+        crop=(args.crop or None) if sample_kind != "digits" else min(args.crop or 48, 48),  # 0: automatic
         anneal=args.anneal, context=args.context,
     )
     tags = sample.tags if args.tags else None
@@ -425,7 +426,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["wall", "process"], default="process")
     p.add_argument("--steps", type=int, default=100000, help="step cap (the budget usually binds)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--crop", type=int, default=96,
+                   help="training crop side; 0: each method's automatic crop (engine.auto_crop), its default")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--anneal", type=float, default=0.0,
                    help="share of the budget over which the learning rate falls to 0 (TrainConfig.anneal)")

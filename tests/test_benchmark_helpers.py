@@ -188,3 +188,17 @@ def test_walk_refinement_grows_a_confident_core_to_the_image_edge_and_no_further
     # No confident pixel: the network's own prediction (probability >= 0.5) stands.
     assert refine_slice(image, np.full(disc.shape, 0.6), threshold=0.95, band=8, beta=130).all()
     assert not refine_slice(image, np.full(disc.shape, 0.2), threshold=0.95, band=8, beta=130).any()
+
+
+def test_crop_zero_trains_at_each_methods_automatic_crop(tmp_path):
+    import json
+
+    import annotation_efficiency
+
+    out = tmp_path / "rows.jsonl"
+    annotation_efficiency.main([
+        "--methods", "supervised", "--samples", "phantom", "--k", "2", "--seeds", "0", "--steps", "1",
+        "--crop", "0", "--no-whole-slices", "--out", str(out), "--param", "supervised:features=4,8",
+    ])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["crop"] == 128  # the whole 128² phantom slice (auto_crop), not the --crop default 96

@@ -270,8 +270,9 @@ def test_auto_crop_covers_the_slice_up_to_a_cap(shape, dims, expected):
 
 @pytest.mark.parametrize(
     ("shape", "cost", "expected"),
-    [((128, 128), 1.0, 128), ((128, 128), 1.6, 112), ((128, 128), 2.0, 112), ((128, 128), 2.7, 96),
-     ((224, 224), 2.0, 112), ((224, 224), 0.5, 160), ((64, 64), 2.7, 64), ((224, 224), 100.0, 16)],
+    [((128, 128), 1.0, 128), ((224, 224), 1.0, 160), ((224, 224), 1.2, 128), ((128, 128), 1.6, 96),
+     ((128, 128), 2.0, 96), ((128, 128), 2.7, 96), ((224, 224), 1.5, 112), ((224, 224), 2.0, 96),
+     ((224, 224), 0.5, 160), ((64, 64), 2.7, 64), ((224, 224), 100.0, 96), ((80, 80), 100.0, 80)],
 )
 def test_auto_crop_shrinks_with_the_cost_of_a_step(shape, cost, expected):
     from semiseg.engine import auto_crop
@@ -279,6 +280,19 @@ def test_auto_crop_shrinks_with_the_cost_of_a_step(shape, cost, expected):
     assert auto_crop(shape, 2, cost) == expected
     # 3D methods keep their own cap.
     assert auto_crop(shape, 3, cost) == auto_crop(shape, 3)
+
+
+def test_a_costlier_methods_crop_costs_at_most_the_step_budget_down_to_a_floor():
+    """Above the floor, cost x crop² never exceeds the budget (a supervised step at
+    COSTLY_STEP_SIDE²) and the next multiple of 16 would; below it, the floor holds."""
+    from semiseg.engine import COSTLY_STEP_SIDE, MIN_COSTLY_CROP, auto_crop
+
+    for cost in (1.05, 1.3, 1.5, 1.7, 2.2, 3.0, 5.0):
+        crop = auto_crop((512, 512), 2, cost)
+        if crop > MIN_COSTLY_CROP:
+            assert cost * crop**2 <= COSTLY_STEP_SIDE**2 < cost * (crop + 16) ** 2
+        else:
+            assert crop == MIN_COSTLY_CROP and cost * (crop + 16) ** 2 > COSTLY_STEP_SIDE**2
 
 
 def test_costlier_methods_get_a_smaller_automatic_crop_on_the_cpu():

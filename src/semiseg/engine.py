@@ -121,11 +121,20 @@ class TrainConfig:
         self.context = check_context(self.context)
 
 
-#: Largest crop side :func:`auto_crop` chooses for 2D methods: a 160² step costs about 2.8 times a
-#: 96² one, which keeps the default run (300 steps) within about 2 CPU-minutes on one thread.
+#: Largest crop side :func:`auto_crop` chooses for ``supervised`` and 2D methods no costlier: a
+#: 160² step costs about 2.8 times a 96² one, which keeps the default run (300 steps) within
+#: about 2 CPU-minutes on one thread.
 AUTO_CROP_2D = 160
 #: The same for 3D methods, whose patches are ``patch_depth`` slices deep.
 AUTO_CROP_3D = 96
+#: Step budget of a costlier 2D method, as the side of the ``supervised`` crop that costs as
+#: much: 141² is 1.22 times a 128² step, 0.5 s where ``supervised`` takes 0.41 s at 128² on one
+#: thread (the issue-19 target and measurement, ``benchmarks/train_speed.py``).
+COSTLY_STEP_SIDE = 141
+#: Smallest automatic crop the step budget may choose: at 80 instead of 96 `translation` and
+#: `cyclegan` lost 0.04 and 0.08 Dice on the phantom at 5 CPU-minutes (issue 19 benchmark), so a
+#: method too costly for 96 keeps 96 and its longer step.
+MIN_COSTLY_CROP = 96
 
 
 def auto_crop(slice_shape: tuple[int, int], spatial_dims: int = 2, step_cost: float = 1.0) -> int:
@@ -143,15 +152,18 @@ def auto_crop(slice_shape: tuple[int, int], spatial_dims: int = 2, step_cost: fl
         3 for methods on 3D patches: cap :data:`AUTO_CROP_3D`.
     step_cost : float
         CPU time of the method's step relative to ``supervised``'s at the same crop
-        (:attr:`semiseg.methods.base.Method.step_cost`; 1 on a GPU). A step's time grows with
-        the crop's area, so 2D methods are capped at ``AUTO_CROP_2D / sqrt(step_cost)``: every
-        step then costs about what a ``supervised`` step of the largest crop does (about 0.5 s
-        on one thread; issue 19 benchmark).
+        (:attr:`semiseg.methods.base.Method.step_cost`; 1 on a GPU). ``supervised`` and
+        methods no costlier are capped at :data:`AUTO_CROP_2D`. A step's time grows with the
+        crop's area, so a costlier method is capped at ``COSTLY_STEP_SIDE / sqrt(step_cost)``:
+        its step then costs at most what a ``supervised`` step at 141² does (about 0.5 s on
+        one thread; issue 19 benchmark), but the cap is never below :data:`MIN_COSTLY_CROP`.
     """
     if spatial_dims == 3:
         cap = AUTO_CROP_3D
+    elif step_cost <= 1.0:
+        cap = AUTO_CROP_2D
     else:
-        cap = AUTO_CROP_2D / math.sqrt(max(1.0, float(step_cost)))
+        cap = max(MIN_COSTLY_CROP, COSTLY_STEP_SIDE / math.sqrt(float(step_cost)))
     return int(max(16, min(cap, min(slice_shape)) // 16 * 16))
 
 

@@ -95,8 +95,9 @@ class Autoencoder(Supervised):
     summary = "U-Net + reconstruction decoder (no skips) on every slice; the AE baseline"
     reference = "Vorontsov et al., IEEE TMI 2022 (AE baseline)"
     Params = AutoencoderParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.1
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 1.8
     outputs = {"reconstruction": "image"}
     semi_supervised = True
 

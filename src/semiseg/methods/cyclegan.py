@@ -171,9 +171,9 @@ class CycleGAN(Method):
     summary = "image<->mask CycleGAN: supervised, cycle and least-squares adversarial losses"
     reference = "Mondal et al., arXiv:1908.11569, 2019"
     Params = CycleGANParams
-    #: Step CPU time / supervised's at the same crop (crop 96, one thread; benchmarks.md,
-    #: issue 19: 0.80 against 0.35 s with the 8..64 U-Net segmenter, 1.40 s with 16..128).
-    step_cost = 2.3
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 3.0
     #: The paper's generators (Johnson et al.'s ResNet: 64-128-256, 9 blocks, also as the
     #: segmenter, trained with the generators' Adam from step 0) and 64-channel discriminators;
     #: the CPU defaults are an 8-16-32 image generator with 3 blocks (~18x fewer operations)

@@ -58,7 +58,8 @@ class EntropyMin(Supervised):
     summary = "U-Net made confident on unannotated slices (entropy minimisation)"
     reference = "Vu et al., CVPR 2019 (baseline in Peng et al., MIDL 2020)"
     Params = EntropyMinParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
     step_cost = 1.6
     semi_supervised = True
     retired_params = {

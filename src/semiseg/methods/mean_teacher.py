@@ -94,7 +94,8 @@ class MeanTeacher(Supervised):
     summary = "student + weight-averaged teacher, consistent on unannotated slices (MSE)"
     reference = "Tarvainen & Valpola 2017; Perone & Cohen-Adad 2018 (baseline in Vorontsov et al.; Peng et al.)"
     Params = MeanTeacherParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
     step_cost = 1.9
     semi_supervised = True
     retired_params = {

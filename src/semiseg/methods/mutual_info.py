@@ -71,8 +71,9 @@ class MutualInfo(Supervised):
     summary = "neighbourhood mutual information + transform consistency on unannotated slices"
     reference = "Peng et al., MIDL 2020"
     Params = MutualInfoParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.7
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 2.1
     semi_supervised = True
     retired_params = {
         "warmup_steps": "use warmup, a share of the run (0.3: the first 30 %)",

@@ -167,8 +167,9 @@ class PyramidGAN(Method):
     summary = "coarse-to-fine pyramid of generator/segmenter/discriminator; synthetic pairs"
     reference = "Li et al., Medical Image Analysis 2022"
     Params = PyramidGANParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.7
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 2.4
     can_sample = True
     #: SinGAN's 32-channel, 4-block generators and 3-view discriminators; the CPU defaults
     #: halve the widths, which cost most at the finest level (full-resolution convolutions).

@@ -109,8 +109,9 @@ class SelfTraining(Supervised):
     summary = "U-Net learning its own confident predictions on unannotated slices (FixMatch-style)"
     reference = "Sohn et al., NeurIPS 2020 (FixMatch); Lee 2013 (pseudo-labels)"
     Params = SelfTrainingParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.0
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 1.7
     semi_supervised = True
 
     def build(self) -> None:

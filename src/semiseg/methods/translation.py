@@ -157,8 +157,9 @@ class Translation(Method):
     summary = "presence<->absence translation with a residual decoder shared by segmentation (needs healthy tags)"
     reference = "Vorontsov et al., IEEE TMI 2022"
     Params = TranslationParams
-    #: Step CPU time / supervised's (quiet machine, crop 128; benchmarks.md, issue 19).
-    step_cost = 2.0
+    #: Step CPU time / supervised's at the same crop (crop 96, one thread, idle VM, 2026-12-07;
+    #: benchmarks.md, issue 19).
+    step_cost = 2.2
     outputs = {"healthy": "image", "residual": "difference"}
     can_sample = True
     uses_tags = True
