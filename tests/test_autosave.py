@@ -221,3 +221,31 @@ def test_sigkill_during_autosave_leaves_a_valid_store(tmp_path):
     for z in labels:  # every slice is one whole save, never torn
         assert len(np.unique(z)) == 1
     assert json.loads((found.path / "semiseg-autosave.json").read_text())["labels_shape"] == [8, 64, 64]
+
+
+def test_between_writes_waits_for_a_write_in_progress_and_starts_none(image, tmp_path, monkeypatch):
+    saver = _saver(image, tmp_path, debounce=0.01)
+    moved, release = threading.Event(), threading.Event()
+    real_write = Autosaver._write
+
+    def slow_write(self, *args):
+        moved.set()  # the writer is mid-swap from here until release
+        assert release.wait(5)
+        return real_write(self, *args)
+
+    monkeypatch.setattr(Autosaver, "_write", slow_write)
+    saver.submit(np.ones(image.shape, np.uint8))
+    assert moved.wait(5)
+    threading.Timer(0.3, release.set).start()
+    t0 = time.monotonic()
+    with saver.between_writes():
+        waited = time.monotonic() - t0
+        assert saver.saves == 1 and waited >= 0.25  # the write in progress finished first
+        info = find_autosave(tmp_path / "scan.tif")
+        assert info is not None and restore(info.path)[0].all()
+        # A change submitted inside the block waits for it to end.
+        saver.submit(np.zeros(image.shape, np.uint8))
+        time.sleep(0.2)
+        assert saver.saves == 1
+    assert saver.close() and saver.saves == 2
+    assert not restore(find_autosave(tmp_path / "scan.tif").path)[0].any()

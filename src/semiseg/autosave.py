@@ -382,6 +382,25 @@ class Autosaver:
                 self._cv.wait(0.05 if left is None else min(left, 0.05))
         return self.last_error is None
 
+    @contextlib.contextmanager
+    def between_writes(self, timeout: float | None = 30.0):
+        """Hold the writer between two writes while the block runs.
+
+        Waits (up to ``timeout`` seconds) for a write in progress, then starts none until the
+        block ends, so a reader never meets the store mid-swap: a new session's first write
+        moves the earlier session's store aside before it renames its own in, and a search in
+        between finds neither (:func:`find_autosave` returned None under load). Changes
+        submitted meanwhile are kept and written after the block.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._writing:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cv.wait(0.05 if left is None else min(left, 0.05))
+            yield self
+
     def close(self, timeout: float | None = 30.0) -> bool:
         """Flush, then stop the thread; True when everything was written."""
         ok = self.flush(timeout)

@@ -8,6 +8,8 @@ kept beside the new one (``.kept-<time>``) and offered by Restore.
 
 from __future__ import annotations
 
+import contextlib
+
 import zlib
 from pathlib import Path
 
@@ -265,15 +267,18 @@ class AutosaveWidget(QWidget):
         """
         if self.layer is None:
             return None
-        found = find_autosave(self.identity, self._folder())
-        if found is None:
-            self.status.setText("no autosave found for this image")
-            return None
-        try:
-            labels, tags, meta = restore(found.path)
-        except InputError as exc:
-            self.status.setText(f"cannot restore: {exc}")
-            return None
+        # Never search while the writer swaps stores (a save in progress).
+        hold = self.saver.between_writes() if self.saver is not None else contextlib.nullcontext()
+        with hold:
+            found = find_autosave(self.identity, self._folder())
+            if found is None:
+                self.status.setText("no autosave found for this image")
+                return None
+            try:
+                labels, tags, meta = restore(found.path)
+            except InputError as exc:
+                self.status.setText(f"cannot restore: {exc}")
+                return None
         if labels.shape != tuple(self.layer.data.shape):
             self.status.setText(f"autosave has shape {labels.shape}, the labels layer {self.layer.data.shape}")
             return None
