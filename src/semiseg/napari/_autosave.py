@@ -9,7 +9,6 @@ kept beside the new one (``.kept-<time>``) and offered by Restore.
 from __future__ import annotations
 
 import contextlib
-
 import zlib
 from pathlib import Path
 
