@@ -131,8 +131,8 @@ AUTO_CROP_3D = 96
 #: much: 141² is 1.22 times a 128² step, 0.5 s where ``supervised`` takes 0.41 s at 128² on one
 #: thread (the issue-19 target and measurement, ``benchmarks/train_speed.py``).
 COSTLY_STEP_SIDE = 141
-#: Smallest automatic crop the step budget may choose: at 80 instead of 96 `translation` and
-#: `cyclegan` lost 0.04 and 0.08 Dice on the phantom at 5 CPU-minutes (issue 19 benchmark), so a
+#: Smallest automatic crop the step budget may choose: at 80 instead of 96 ``translation`` and
+#: ``cyclegan`` lost 0.04 and 0.08 Dice on the phantom at 5 CPU-minutes (issue 19 benchmark), so a
 #: method too costly for 96 keeps 96 and its longer step.
 MIN_COSTLY_CROP = 96
 

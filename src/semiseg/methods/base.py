@@ -168,8 +168,8 @@ class Method(abc.ABC):
     spatial_dims: ClassVar[int] = 2
     #: CPU time of a training step relative to ``supervised``'s at the same crop and batch (one
     #: thread, measured by ``benchmarks/train_speed.py``, issue 19): the automatic crop on the
-    #: CPU shrinks with it so every method's step stays within about 0.5 s
-    #: (:func:`semiseg.engine.auto_crop`).
+    #: CPU shrinks with it so the method's step stays within about 0.5 s, down to a floor of
+    #: 96 (:func:`semiseg.engine.auto_crop`; a costlier step stays longer).
     step_cost: ClassVar[float] = 1.0
     #: Whether the method learns from unannotated slices on top of a supervised loss on its
     #: ``seg`` U-Net (so it can refine a model of another method: ``iter_train(init_from=)``).
